@@ -1,0 +1,428 @@
+"""The steering engine: per-row routed interventions on decoder-block outputs.
+
+A :class:`SteeringRoute` says, for every row of a batch, at which layers it is steered and how
+strongly. A :class:`SteeringEngine` applies an :class:`Intervention` (additive vectors, a
+norm-preserving rotation, ...) through forward hooks that exist only inside
+:meth:`SteeringEngine.steer` and are removed in ``finally``.
+
+Positions are computed from the *absolute* token index of each row (from the 2-D attention mask,
+or the KV-cache length), never from the length of the current chunk: with a KV cache every decode
+step has length 1 and is still steered when the position policy says so, and left- and
+right-padded batches are steered at the same real tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .layers import block_output, find_decoder_layers, replace_block_output, unwrap_base_model
+
+POSITION_POLICIES: tuple[str, ...] = ("all", "generated")
+"""`all`: every real (non-padding) token, prompt and generated. `generated`: from the last prompt
+token on (the token whose output is the first generated token), then every generated token."""
+
+
+def check_position_policy(policy: str) -> str:
+    if policy not in POSITION_POLICIES:
+        raise ValueError(f"Unknown position policy {policy!r}; choose one of {list(POSITION_POLICIES)}.")
+    return policy
+
+
+def check_strength(strength: float) -> float:
+    value = float(strength)
+    if not math.isfinite(value):
+        raise ValueError(f"Steering strength must be a finite number, got {strength!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class SteeringRoute:
+    """Where and how strongly each row of a batch is steered.
+
+    Args:
+        layer_mask (`torch.BoolTensor` of shape `[batch, num_layers]`):
+            `layer_mask[b, l]` is True when row `b` is steered at the output of block `l`.
+        strengths (`torch.Tensor` of shape `[batch]`):
+            Per-row multiplier of the intervention (the CAA coefficient, or the rotation angle scale).
+        prompt_lengths (`torch.LongTensor` of shape `[batch]`, *optional*):
+            Real (non-padding) prompt tokens per row, used by the `generated` position policy. When
+            None, each forward call's input counts as the prompt.
+        row_vectors (`torch.Tensor` of shape `[batch, hidden]`, *optional*):
+            Input-dependent steering vectors (e.g. L2S) that replace the per-layer vectors.
+
+    Example:
+
+    ```python
+    >>> route = SteeringRoute.from_layers([3, None, 5], strengths=2.0, num_layers=8)
+    >>> route.layer_mask.sum(-1)
+    tensor([1, 0, 1])
+    ```
+    """
+
+    layer_mask: torch.Tensor
+    strengths: torch.Tensor
+    prompt_lengths: torch.Tensor | None = None
+    row_vectors: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer_mask.dim() != 2 or self.layer_mask.dtype != torch.bool:
+            raise ValueError("`layer_mask` must be a bool tensor of shape [batch, num_layers].")
+        batch = self.layer_mask.shape[0]
+        if self.strengths.shape != (batch,):
+            raise ValueError(f"`strengths` must have shape [{batch}], got {tuple(self.strengths.shape)}.")
+        if not torch.isfinite(self.strengths).all():
+            raise ValueError("Steering strengths must be finite (got NaN or inf).")
+        if self.prompt_lengths is not None and self.prompt_lengths.shape != (batch,):
+            raise ValueError(f"`prompt_lengths` must have shape [{batch}].")
+        if self.row_vectors is not None:
+            if self.row_vectors.dim() != 2 or self.row_vectors.shape[0] != batch:
+                raise ValueError(f"`row_vectors` must have shape [{batch}, hidden].")
+            if not torch.isfinite(self.row_vectors).all():
+                raise ValueError("`row_vectors` contain NaN or inf.")
+
+    @property
+    def batch_size(self) -> int:
+        return self.layer_mask.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_mask.shape[1]
+
+    @classmethod
+    def from_layers(
+        cls,
+        layers: Sequence[int | None] | torch.Tensor,
+        strengths: float | Sequence[float] | torch.Tensor,
+        num_layers: int,
+        prompt_lengths: torch.Tensor | None = None,
+        row_vectors: torch.Tensor | None = None,
+    ) -> SteeringRoute:
+        """Builds a route with one layer per row (`None` or `-1`: row not steered)."""
+        ids = torch.as_tensor(
+            [(-1 if layer is None else int(layer)) for layer in layers]
+            if not isinstance(layers, torch.Tensor)
+            else layers.long(),
+            dtype=torch.long,
+        ).cpu()
+        bad = (ids >= num_layers) | (ids < -1)
+        if bad.any():
+            raise ValueError(f"Layer ids {ids[bad].tolist()} are out of range for a model with {num_layers} layers.")
+        mask = torch.zeros(len(ids), num_layers, dtype=torch.bool)
+        rows = torch.nonzero(ids >= 0).flatten()
+        mask[rows, ids[rows]] = True
+        return cls(mask, _as_strengths(strengths, len(ids)), prompt_lengths, row_vectors)
+
+    @classmethod
+    def uniform(
+        cls,
+        batch_size: int,
+        layers: Sequence[int],
+        strength: float,
+        num_layers: int,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> SteeringRoute:
+        """Builds a route that steers every row at the same layer(s)."""
+        mask = torch.zeros(batch_size, num_layers, dtype=torch.bool)
+        for layer in layers:
+            if not 0 <= int(layer) < num_layers:
+                raise ValueError(f"Layer {layer} is out of range for a model with {num_layers} layers.")
+            mask[:, int(layer)] = True
+        return cls(mask, _as_strengths(strength, batch_size), prompt_lengths)
+
+    def expand(self, factor: int) -> SteeringRoute:
+        """Repeats every row `factor` times (beam search / `num_return_sequences` expansion)."""
+        if factor == 1:
+            return self
+
+        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(factor, dim=0)
+
+        return replace(
+            self,
+            layer_mask=rep(self.layer_mask),
+            strengths=rep(self.strengths),
+            prompt_lengths=rep(self.prompt_lengths),
+            row_vectors=rep(self.row_vectors),
+        )
+
+    def steered_layers(self) -> list[int]:
+        return torch.nonzero(self.layer_mask.any(0)).flatten().tolist()
+
+
+def _as_strengths(strengths: float | Sequence[float] | torch.Tensor, batch: int) -> torch.Tensor:
+    if isinstance(strengths, (int, float)):
+        check_strength(strengths)
+        return torch.full((batch,), float(strengths), dtype=torch.float32)
+    values = torch.as_tensor(strengths, dtype=torch.float32).flatten().cpu()
+    if values.shape != (batch,):
+        raise ValueError(f"Expected {batch} strengths, got {values.numel()}.")
+    return values
+
+
+class Intervention(Protocol):
+    """What a steering method does to one block output (all positions; the engine selects where)."""
+
+    num_layers: int
+    hidden_size: int
+
+    def apply(
+        self, hidden: torch.Tensor, layer: int, strengths: torch.Tensor, row_vectors: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Returns the steered hidden state `[batch, seq, hidden]` (a new tensor)."""
+
+
+class _DeviceCache:
+    """Copies of a tensor per (device, dtype), made on first use inside a hook."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._copies:
+            self._copies[key] = self.tensor.to(device=device, dtype=dtype)
+        return self._copies[key]
+
+
+class AdditiveIntervention:
+    """Activation addition (CAA): `h + strength * v_layer` (or `+ strength * row_vector`).
+
+    Args:
+        vectors (`torch.Tensor` of shape `[num_layers, hidden]`): one steering vector per block output.
+
+    Example:
+
+    ```python
+    >>> intervention = AdditiveIntervention(torch.randn(30, 576))
+    ```
+    """
+
+    def __init__(self, vectors: torch.Tensor) -> None:
+        if vectors.dim() != 2:
+            raise ValueError(f"Steering vectors must have shape [num_layers, hidden], got {tuple(vectors.shape)}.")
+        if not torch.isfinite(vectors).all():
+            raise ValueError("Steering vectors contain NaN or inf.")
+        self.vectors = vectors.detach().float().cpu()
+        self.num_layers, self.hidden_size = self.vectors.shape
+        self._cache = _DeviceCache(self.vectors)
+
+    def apply(
+        self, hidden: torch.Tensor, layer: int, strengths: torch.Tensor, row_vectors: torch.Tensor | None
+    ) -> torch.Tensor:
+        if row_vectors is not None:
+            delta = strengths[:, None] * row_vectors
+        else:
+            delta = strengths[:, None] * self._cache.get(hidden.device, torch.float32)[layer][None, :]
+        return hidden + delta.to(hidden.dtype)[:, None, :]
+
+
+@dataclass
+class _ActiveSteering:
+    route: SteeringRoute
+    policy: str
+    intervention: Intervention
+    positions: torch.Tensor | None = None  # [B', T] bool: positions steered in the current forward call
+    expanded: dict[tuple[int, torch.device], SteeringRoute] | None = None
+
+    def route_for(self, batch: int, device: torch.device) -> SteeringRoute:
+        if batch % self.route.batch_size != 0:
+            raise ValueError(
+                f"Steering route has {self.route.batch_size} rows but the model got a batch of {batch}; "
+                "the batch must be the routed prompts, each repeated the same number of times."
+            )
+        key = (batch, device)
+        if self.expanded is None:
+            self.expanded = {}
+        if key not in self.expanded:
+            route = self.route.expand(batch // self.route.batch_size)
+            self.expanded[key] = SteeringRoute(
+                route.layer_mask.to(device),
+                route.strengths.to(device),
+                None if route.prompt_lengths is None else route.prompt_lengths.to(device),
+                None if route.row_vectors is None else route.row_vectors.to(device),
+            )
+        return self.expanded[key]
+
+
+def real_positions(
+    batch: int,
+    seq_len: int,
+    device: torch.device,
+    attention_mask: torch.Tensor | None,
+    past_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute real-token index of each position of the current chunk, and which positions are real.
+
+    With a 2-D attention mask covering past + current tokens, the real index of a token is the number
+    of real tokens before it; without one, positions run from the cache length on.
+
+    Returns:
+        `(positions, valid)`: LongTensor and BoolTensor of shape `[batch, seq_len]`.
+    """
+    if attention_mask is not None and attention_mask.dim() == 2:
+        mask = attention_mask.to(device)[:, -seq_len:].bool()
+        counts = attention_mask.to(device).long().cumsum(-1)[:, -seq_len:] - 1
+        return counts, mask
+    positions = torch.arange(past_length, past_length + seq_len, device=device).expand(batch, seq_len)
+    return positions, torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+
+
+def _past_length(past_key_values: object) -> int:
+    if past_key_values is None:
+        return 0
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length())
+    return int(past_key_values[0][0].shape[-2])  # legacy tuple cache
+
+
+class SteeringEngine:
+    """Applies a routed intervention to the decoder blocks of a causal LM.
+
+    Hooks are registered while at least one thread is inside :meth:`steer` and removed when the
+    last one leaves (also on exceptions). Each thread carries its own route, so two threads can
+    steer one shared model differently at the same time.
+
+    Args:
+        model (`nn.Module`): a transformers causal LM or a PEFT model wrapping one.
+        layers_path (`str`, *optional*): override of the decoder-block list path.
+
+    Example:
+
+    ```python
+    >>> engine = SteeringEngine(model)
+    >>> route = SteeringRoute.from_layers([3, 5], strengths=4.0, num_layers=engine.num_layers)
+    >>> with engine.steer(AdditiveIntervention(vectors), route, policy="generated"):
+    ...     out = model.generate(**batch, max_new_tokens=20)
+    ```
+    """
+
+    def __init__(self, model: nn.Module, layers_path: str | None = None) -> None:
+        self.model = model
+        self.core = unwrap_base_model(model)
+        self.layers = find_decoder_layers(model, layers_path)
+        self.num_layers = len(self.layers)
+        self._signature = inspect.signature(self.core.forward)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._users = 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def has_hooks(self) -> bool:
+        return bool(self._handles)
+
+    @contextmanager
+    def steer(self, intervention: Intervention, route: SteeringRoute, policy: str = "all") -> Iterator[None]:
+        """Context manager: steer every forward pass of this thread with `route`."""
+        check_position_policy(policy)
+        if route.num_layers != self.num_layers:
+            raise ValueError(f"Route covers {route.num_layers} layers but the model has {self.num_layers}.")
+        if intervention.num_layers != self.num_layers:
+            raise ValueError(
+                f"The intervention has {intervention.num_layers} layers but the model has {self.num_layers}."
+            )
+        previous = getattr(self._local, "active", None)
+        self._local.active = _ActiveSteering(route, policy, intervention)
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._local.active = previous
+            self._release()
+
+    def _acquire(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                try:
+                    self._handles.append(self.core.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+                    self._handles.append(self.core.register_forward_hook(self._after_forward, always_call=True))
+                    for index, layer in enumerate(self.layers):
+                        # prepend: run before transformers' own output recorders, so that
+                        # `output_hidden_states` reports the steered states.
+                        self._handles.append(layer.register_forward_hook(self._make_layer_hook(index), prepend=True))
+                except BaseException:
+                    self._remove_all()
+                    raise
+            self._users += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._remove_all()
+
+    def _remove_all(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        active: _ActiveSteering | None = getattr(self._local, "active", None)
+        if active is None:
+            return
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        reference = bound.get("input_ids")
+        if reference is None:
+            reference = bound.get("inputs_embeds")
+        if reference is None:
+            active.positions = None
+            return
+        batch, seq_len = reference.shape[0], reference.shape[1]
+        attention_mask = bound.get("attention_mask")
+        positions, valid = real_positions(
+            batch, seq_len, reference.device, attention_mask, _past_length(bound.get("past_key_values"))
+        )
+        if active.policy == "generated":
+            route = active.route_for(batch, reference.device)
+            if route.prompt_lengths is not None:
+                prompt_lengths = route.prompt_lengths
+            elif attention_mask is not None and attention_mask.dim() == 2:
+                prompt_lengths = attention_mask.to(reference.device).long().sum(-1)
+            else:
+                prompt_lengths = positions[:, -1] + 1
+            valid = valid & (positions >= prompt_lengths[:, None] - 1)
+        active.positions = valid
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        active: _ActiveSteering | None = getattr(self._local, "active", None)
+        if active is not None:
+            active.positions = None
+
+    def _make_layer_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple | None:
+            active: _ActiveSteering | None = getattr(self._local, "active", None)
+            if active is None or not bool(active.route.layer_mask[:, index].any()):
+                return None
+            hidden = block_output(output)
+            batch, seq_len = hidden.shape[0], hidden.shape[1]
+            route = active.route_for(batch, hidden.device)
+            positions = active.positions
+            if positions is None or positions.shape != (batch, seq_len):
+                positions = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden.device)
+            where = route.layer_mask[:, index][:, None] & positions.to(hidden.device)
+            steered = active.intervention.apply(hidden, index, route.strengths, route.row_vectors)
+            return replace_block_output(output, torch.where(where[..., None], steered, hidden))
+
+        return hook
+
+
+__all__ = [
+    "POSITION_POLICIES",
+    "AdditiveIntervention",
+    "Intervention",
+    "SteeringEngine",
+    "SteeringRoute",
+    "check_position_policy",
+    "check_strength",
+    "real_positions",
+]
