@@ -1,0 +1,316 @@
+"""The steering bundle: what `save_pretrained` writes and `from_pretrained` reads.
+
+A bundle is two files (plus an optional model card and plots):
+
+* ``w2s_config.json``: :class:`BundleConfig` (base model id/revision/hidden size/layer count,
+  encoder spec, predictor hyper-parameters, default strength and position policy, format version).
+* ``w2s_bundle.safetensors``: ``steering_vectors`` `[num_layers, hidden]` (float32), the layer
+  predictor weights under ``predictor.*``, and method-specific tensors (e.g. ``rotation.*``).
+
+Loading reads only JSON and safetensors: nothing is unpickled and no code from a bundle runs. Both
+files carry the same random ``bundle_id``; a pair that does not match (an interrupted save) is
+refused. The base model's weights are never written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .layers import LAYER_CONVENTION, find_decoder_layers, hidden_size_of, unwrap_base_model
+from .steering import POSITION_POLICIES, check_position_policy
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "w2s_config.json"
+WEIGHTS_NAME = "w2s_bundle.safetensors"
+FORMAT_VERSION = 1
+METHODS = ("caa", "rotation")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used: the message says what is wrong and what to do."""
+
+
+@dataclass
+class BundleConfig:
+    """Configuration of a steering bundle (`w2s_config.json`).
+
+    Args:
+        base_model (`dict`): `name_or_path`, `revision`, `gguf_file`, `model_type`, `hidden_size`,
+            `num_layers` of the model the bundle was trained on.
+        method (`str`): `"caa"` (additive vectors) or `"rotation"` (norm-preserving rotation).
+        encoder (`dict`, *optional*): prompt-encoder spec (see `w2s_hf.encoders`); None for a
+            fixed-layer bundle without a predictor.
+        predictor (`dict`, *optional*): layer-predictor hyper-parameters.
+        fixed_layer (`int`, *optional*): the best fixed layer (used when there is no predictor,
+            and reported as the baseline).
+        default_strength (`float`): steering multiplier used when a call gives none.
+        position_policy (`str`): `"all"` or `"generated"`.
+        training (`dict`): provenance (behavior, protocol, data, seed, ...).
+        evaluation (`dict`): evaluation results rendered in the model card.
+    """
+
+    base_model: dict
+    method: str = "caa"
+    encoder: dict | None = None
+    predictor: dict | None = None
+    fixed_layer: int | None = None
+    default_strength: float = 1.0
+    position_policy: str = "all"
+    layer_convention: str = LAYER_CONVENTION
+    format_version: int = FORMAT_VERSION
+    bundle_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    training: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.base_model["num_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.base_model["hidden_size"])
+
+    def validate(self) -> None:
+        for key in ("name_or_path", "hidden_size", "num_layers"):
+            if key not in self.base_model:
+                raise BundleError(f"Bundle config is missing base_model.{key}; re-save the bundle with w2s-hf.")
+        if self.method not in METHODS:
+            raise BundleError(f"Unknown steering method {self.method!r}; this w2s-hf knows {list(METHODS)}.")
+        if self.layer_convention != LAYER_CONVENTION:
+            raise BundleError(
+                f"Bundle uses layer convention {self.layer_convention!r}; w2s-hf steers {LAYER_CONVENTION!r}."
+            )
+        if self.position_policy not in POSITION_POLICIES:
+            raise BundleError(
+                f"Unknown position policy {self.position_policy!r}; choose one of {list(POSITION_POLICIES)}."
+            )
+        if not math.isfinite(float(self.default_strength)):
+            raise BundleError("default_strength must be finite.")
+        if self.fixed_layer is not None and not 0 <= self.fixed_layer < self.num_layers:
+            raise BundleError(f"fixed_layer {self.fixed_layer} is out of range for {self.num_layers} layers.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BundleConfig:
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError(f"{CONFIG_NAME} has no integer format_version; it is not a w2s-hf bundle.")
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"Bundle format version {version} is newer than this w2s-hf reads ({FORMAT_VERSION}); "
+                "upgrade w2s-hf (`pip install -U w2s-hf`)."
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("Ignoring unknown bundle config keys %s (written by a newer w2s-hf?).", unknown)
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        config.validate()
+        return config
+
+
+def describe_base_model(model: nn.Module, gguf_file: str | None = None, revision: str | None = None) -> dict:
+    """The `base_model` entry of a bundle config for `model`."""
+    core = unwrap_base_model(model)
+    info = {
+        "name_or_path": core.config._name_or_path,
+        "revision": revision,
+        "gguf_file": gguf_file,
+        "model_type": core.config.model_type,
+        "hidden_size": hidden_size_of(model),
+        "num_layers": len(find_decoder_layers(model)),
+    }
+    return info
+
+
+@dataclass
+class SteeringBundle:
+    """A bundle in memory: its config and its tensors.
+
+    Example:
+
+    ```python
+    >>> bundle = SteeringBundle.load("my-bundle")        # local folder or Hub id
+    >>> bundle.steering_vectors.shape
+    torch.Size([30, 576])
+    >>> bundle.save("copy")
+    ```
+    """
+
+    config: BundleConfig
+    tensors: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        self.config.validate()
+        vectors = self.tensors.get("steering_vectors")
+        expected = (self.config.num_layers, self.config.hidden_size)
+        if vectors is None:
+            raise BundleError("Bundle has no `steering_vectors` tensor.")
+        if tuple(vectors.shape) != expected:
+            raise BundleError(
+                f"steering_vectors has shape {tuple(vectors.shape)} but the config says "
+                f"[num_layers, hidden] = {list(expected)}; the bundle is inconsistent, re-train or re-save it."
+            )
+        for name, tensor in self.tensors.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise BundleError(f"Bundle tensor {name!r} contains NaN or inf; the bundle is corrupt, re-train it.")
+        candidates = self.tensors.get("predictor.candidate_layers")
+        if candidates is not None and (
+            (candidates < 0).any() or (candidates >= self.config.num_layers).any() or candidates.numel() == 0
+        ):
+            raise BundleError(
+                f"Predictor candidate layers {candidates.tolist()} are out of range for "
+                f"{self.config.num_layers} layers."
+            )
+
+    @property
+    def steering_vectors(self) -> torch.Tensor:
+        return self.tensors["steering_vectors"]
+
+    def predictor_state_dict(self) -> dict[str, torch.Tensor]:
+        prefix = "predictor."
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def check_compatible(self, model: nn.Module) -> None:
+        """Refuses a base model whose shape does not match the bundle; warns on another model id."""
+        hidden = hidden_size_of(model)
+        layers = len(find_decoder_layers(model))
+        expected = self.config.base_model
+        problems = []
+        if hidden != self.config.hidden_size:
+            problems.append(f"hidden size {hidden} (bundle: {self.config.hidden_size})")
+        if layers != self.config.num_layers:
+            problems.append(f"{layers} decoder layers (bundle: {self.config.num_layers})")
+        if problems:
+            raise BundleError(
+                f"This bundle was trained for {expected['name_or_path']!r} but the base model has "
+                f"{' and '.join(problems)}. Load the bundle with its own base model "
+                f"(`W2SSteeringModel.from_pretrained(bundle)` without `base_model=`) or re-train it for this model."
+            )
+        name = unwrap_base_model(model).config._name_or_path
+        if name and name != expected["name_or_path"]:
+            logger.warning(
+                "Bundle was trained on %r and is being applied to %r (same shape). Steering may not transfer.",
+                expected["name_or_path"],
+                name,
+            )
+
+    def save(self, save_directory: str | os.PathLike) -> None:
+        """Writes the bundle atomically: a crash midway never leaves a pair of files that loads."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.bundle_id = uuid.uuid4().hex
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+        weights_tmp = _temp_path(directory, WEIGHTS_NAME)
+        config_tmp = _temp_path(directory, CONFIG_NAME)
+        try:
+            save_file(tensors, str(weights_tmp), metadata={"bundle_id": self.config.bundle_id, "format": "pt"})
+            config_tmp.write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
+            _fsync(weights_tmp)
+            _fsync(config_tmp)
+            # Weights first: until the config is replaced too, the ids differ and loading refuses.
+            os.replace(weights_tmp, directory / WEIGHTS_NAME)
+            os.replace(config_tmp, directory / CONFIG_NAME)
+        finally:
+            for tmp in (weights_tmp, config_tmp):
+                tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | os.PathLike,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+    ) -> SteeringBundle:
+        """Loads a bundle from a local folder or a Hub repo id."""
+        directory = resolve_bundle_folder(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise BundleError(
+                    f"{path} is missing: {directory} is not a complete w2s-hf bundle "
+                    f"(it needs {CONFIG_NAME} and {WEIGHTS_NAME}); re-save it with `save_pretrained`."
+                )
+        try:
+            data = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BundleError(f"{config_path} is not valid JSON ({err}); the bundle is corrupt, re-save it.") from err
+        config = BundleConfig.from_dict(data)
+        try:
+            tensors = load_file(str(weights_path))
+            from safetensors import safe_open
+
+            with safe_open(str(weights_path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise BundleError(
+                f"{weights_path} is not a readable safetensors file ({err}); the bundle is truncated or "
+                "corrupt, re-save or re-download it."
+            ) from err
+        if metadata.get("bundle_id") != config.bundle_id:
+            raise BundleError(
+                f"{CONFIG_NAME} and {WEIGHTS_NAME} in {directory} come from different saves (bundle ids "
+                f"{config.bundle_id!r} vs {metadata.get('bundle_id')!r}), e.g. after an interrupted save; "
+                "save the bundle again."
+            )
+        return cls(config, tensors)
+
+
+def resolve_bundle_folder(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+) -> Path:
+    """A local bundle folder as is, or a Hub repo id downloaded into the HF cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") > 1:
+        raise BundleError(f"{name_or_path} is not a bundle folder.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                str(name_or_path),
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md", "*.png"],
+            )
+        )
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise BundleError(
+            f"Could not find a w2s-hf bundle at {name_or_path!r}: not a local folder, and the Hub download failed "
+            f"({type(err).__name__}: {err})."
+        ) from err
+
+
+def _temp_path(directory: Path, name: str) -> Path:
+    handle, path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(handle)
+    return Path(path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
