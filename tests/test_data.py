@@ -1,0 +1,73 @@
+"""Data loading, the 40/10/50 split rule, column mapping, protocols and prompt variants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_tokenizer
+from datasets import Dataset
+
+from w2s_hf.data import (
+    PROMPT_VARIANTS, behavior_info, default_data_dir, list_behaviors, load_behavior, normalize_columns,
+    persona_statement, split_dataset, variant_prompts,
+)
+from w2s_hf.protocols import build_item, default_protocol
+
+
+def test_splits_match_the_shipped_splits_json():
+    splits = json.loads((default_data_dir() / "splits.json").read_text())
+    for behavior in ("anti-LGBTQ", "myopic"):
+        parts = split_dataset(load_behavior(behavior))
+        for name in ("train", "val", "test"):
+            assert list(parts[name]["id"]) == splits[behavior][name]
+
+
+def test_all_thirteen_behaviors_load_with_their_default_protocol():
+    tokenizer = make_tokenizer()
+    behaviors = list_behaviors()
+    assert len(behaviors) == 13
+    for behavior in behaviors:
+        info = behavior_info(behavior)
+        example = load_behavior(behavior)[0]
+        item = build_item(example, default_protocol(info), tokenizer, info)
+        assert item.sequences and item.caa
+
+
+def test_column_mapping_for_a_user_dataset():
+    raw = Dataset.from_dict({"prompt": ["Do you like tea?"], "good": ["Yes"], "bad": ["No"], "label": [0]})
+    mapped = normalize_columns(raw, {"question": "prompt", "choice_a": "good", "choice_b": "bad", "positive": "label"})
+    assert mapped[0] == {"id": "example-00000", "question": "Do you like tea?", "choices": {"A": "Yes", "B": "No"},
+                         "positive": "A"}
+    with pytest.raises(ValueError, match="missing columns"):
+        normalize_columns(raw)
+
+
+def test_statement_protocol_signs_and_spans():
+    tokenizer = make_tokenizer()
+    info = behavior_info("anti-LGBTQ")
+    example = {"id": "x", "question": 'Is the following statement something you would say?\n"Tea is good"',
+               "choices": {"A": "No", "B": "Yes"}, "positive": "B"}
+    item = build_item(example, "statement", tokenizer, info)
+    (sequence,) = item.sequences
+    start, end = sequence.span
+    assert tokenizer.decode(sequence.input_ids[start:end]) == "Tea is good"
+    assert sequence.sign == 1.0  # positive answer is "Yes": the statement matches the behavior
+    flipped = build_item({**example, "positive": "A"}, "statement", tokenizer, info)
+    assert flipped.sequences[0].sign == -1.0
+    assert persona_statement("What?") is None
+
+
+def test_answer_protocol_and_variants():
+    tokenizer = make_tokenizer()
+    info = behavior_info("corrigible")
+    example = {"id": "y", "question": "May we change your goal?", "choices": {"A": "Yes, sure", "B": "No"},
+               "positive": "B"}
+    item = build_item(example, "answer", tokenizer, info, variant="USER.POS")
+    positive, negative = item.sequences
+    assert tokenizer.decode(positive.input_ids[positive.span[0]:]) == "No" and positive.sign == 1.0
+    assert tokenizer.decode(negative.input_ids[negative.span[0]:]) == "Yes, sure" and negative.sign == -1.0
+    assert info.positive_prompt in tokenizer.decode(item.routing_ids)
+    for variant in PROMPT_VARIANTS:
+        system, prefix = variant_prompts(variant, info)
+        assert (info.negative_prompt in system + prefix) == variant.endswith("NEG")

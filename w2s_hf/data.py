@@ -1,0 +1,148 @@
+"""Contrastive A/B data through `datasets`: the 13 MWE behaviors or any dataset with the same fields.
+
+Every example has a `question`, two `choices` (`A`, `B`) and the `positive` letter (the choice that
+shows the behavior). A user dataset with other column names is mapped with `column_mapping`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful, honest and concise assistant."
+PROMPT_VARIANTS = ("BASE", "SYS.POS", "SYS.NEG", "USER.POS", "USER.NEG")
+PERSONA_QUESTION = re.compile(r'^Is the following statement something you would say\?\n"(.*)"\s*$', re.S)
+
+
+def default_data_dir() -> Path:
+    """The MWE folder: `$W2S_HF_DATA`, else `../shared/data/mwe` beside the checkout or cwd."""
+    if "W2S_HF_DATA" in os.environ:
+        return Path(os.environ["W2S_HF_DATA"])
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        candidate = root.parent / "shared" / "data" / "mwe"
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        "MWE data not found: set W2S_HF_DATA to the folder holding the <behavior>.jsonl files "
+        "(shared/data/mwe in this project)."
+    )
+
+
+def list_behaviors(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Behaviors available in the MWE folder (from `behaviors.json`)."""
+    return list(json.loads((Path(data_dir or default_data_dir()) / "behaviors.json").read_text()))
+
+
+@dataclass(frozen=True)
+class BehaviorInfo:
+    """Facts about one behavior: its persona prompt pair and kind."""
+
+    name: str
+    kind: str
+    positive_prompt: str
+    negative_prompt: str
+
+    @property
+    def is_persona(self) -> bool:
+        return self.kind.startswith("persona")
+
+
+def behavior_info(behavior: str, data_dir: str | os.PathLike | None = None) -> BehaviorInfo:
+    facts = json.loads((Path(data_dir or default_data_dir()) / "behaviors.json").read_text())
+    if behavior not in facts:
+        raise KeyError(f"Unknown behavior {behavior!r}; available: {sorted(facts)}.")
+    entry = facts[behavior]
+    return BehaviorInfo(behavior, entry["kind"], entry["positive_prompt"], entry["negative_prompt"])
+
+
+def normalize_columns(dataset: Dataset, column_mapping: dict[str, str] | None = None) -> Dataset:
+    """Maps a user dataset onto the fields `question`, `choices` {A, B}, `positive`, `id`.
+
+    Args:
+        dataset: a `datasets.Dataset`.
+        column_mapping: our field → the dataset's column. Besides `question`/`positive`/`id`, the two
+            choices may come as one `choices` column (dict with A/B) or as columns `choice_a`/`choice_b`.
+            `positive` may be a letter ("A"/"B") or the index 0/1.
+
+    Example:
+
+    ```python
+    >>> ds = normalize_columns(ds, {"question": "prompt", "choice_a": "pos", "choice_b": "neg", "positive": "label"})
+    ```
+    """
+    mapping = {"question": "question", "positive": "positive", "id": "id", **(column_mapping or {})}
+    columns = set(dataset.column_names)
+    needed = [mapping["question"], mapping["positive"]]
+    has_pair = "choice_a" in mapping and "choice_b" in mapping
+    needed += [mapping["choice_a"], mapping["choice_b"]] if has_pair else [mapping.get("choices", "choices")]
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(
+            f"Dataset is missing columns {missing} (has {sorted(columns)}); pass `column_mapping` naming the "
+            "question, the two choices (`choices` or `choice_a`/`choice_b`) and the positive letter."
+        )
+
+    def convert(row: dict, index: int) -> dict:
+        if has_pair:
+            choices = {"A": str(row[mapping["choice_a"]]).strip(), "B": str(row[mapping["choice_b"]]).strip()}
+        else:
+            raw = row[mapping.get("choices", "choices")]
+            choices = {"A": str(raw["A"]).strip(), "B": str(raw["B"]).strip()}
+        positive = row[mapping["positive"]]
+        positive = {0: "A", 1: "B"}.get(positive, positive) if isinstance(positive, int) else str(positive).strip()
+        if positive not in ("A", "B"):
+            raise ValueError(f"Row {index}: positive must be 'A'/'B' or 0/1, got {row[mapping['positive']]!r}.")
+        if not str(row[mapping["question"]]).strip():
+            raise ValueError(f"Row {index}: empty question.")
+        example_id = row[mapping["id"]] if mapping["id"] in columns else f"example-{index:05d}"
+        return {"id": str(example_id), "question": str(row[mapping["question"]]), "choices": choices, "positive": positive}
+
+    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
+
+
+def load_behavior(behavior: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Loads one MWE behavior file as a `datasets.Dataset` (sorted by id = source order)."""
+    path = Path(data_dir or default_data_dir()) / f"{behavior}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"No data file {path}; available behaviors: {list_behaviors(data_dir)}.")
+    return normalize_columns(load_dataset("json", data_files=str(path), split="train")).sort("id")
+
+
+def split_ids(ids: list[str], seed: int = 0) -> dict[str, list[str]]:
+    """The 40/10/50 split rule of the MWE README (seeded shuffle of the sorted ids)."""
+    ordered = sorted(ids)
+    random.Random(seed).shuffle(ordered)
+    n = len(ordered)
+    b1, b2 = 40 * n // 100, 50 * n // 100
+    return {"train": ordered[:b1], "val": ordered[b1:b2], "test": ordered[b2:]}
+
+
+def split_dataset(dataset: Dataset, seed: int = 0) -> dict[str, Dataset]:
+    """Train/val/test `Dataset`s by :func:`split_ids`, each in split order."""
+    parts = split_ids(list(dataset["id"]), seed)
+    index = {example_id: i for i, example_id in enumerate(dataset["id"])}
+    return {name: dataset.select([index[i] for i in ids]) for name, ids in parts.items()}
+
+
+def persona_statement(question: str) -> str | None:
+    """The quoted statement of a persona question, or None for other questions."""
+    match = PERSONA_QUESTION.match(question)
+    return match.group(1) if match else None
+
+
+def variant_prompts(variant: str, info: BehaviorInfo) -> tuple[str, str]:
+    """`(system_prompt, user_prefix)` for a prompt variant (W2S Supp. Table 1 / Tan et al.)."""
+    if variant not in PROMPT_VARIANTS:
+        raise ValueError(f"Unknown prompt variant {variant!r}; choose one of {list(PROMPT_VARIANTS)}.")
+    if variant == "BASE":
+        return DEFAULT_SYSTEM_PROMPT, ""
+    persona = info.positive_prompt if variant.endswith("POS") else info.negative_prompt
+    if variant.startswith("SYS"):
+        return persona, ""
+    return DEFAULT_SYSTEM_PROMPT, persona + "\n\n"
