@@ -1,0 +1,116 @@
+"""Sweep tests on tiny models: fast sweep == naive loop, CAA oracle, resume after interruption."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import NUM_LAYERS, make_model, make_tokenizer
+
+from w2s_hf.data import BehaviorInfo
+from w2s_hf.metrics import steerability
+from w2s_hf.protocols import build_item
+from w2s_hf.steering import AdditiveIntervention, SteeringEngine
+from w2s_hf.sweep import caa_vectors, layer_sweep, pad_batch, score_propensities
+
+INFO = BehaviorInfo("toy", "persona (Yes/No statement)", "You like tea.", "You do not like tea.")
+STATEMENTS = ["I like tea", "Tea is great", "I dislike tea", "Coffee is better", "Tea every day", "No tea"]
+
+
+def toy_examples() -> list[dict]:
+    return [
+        {
+            "id": f"toy-{i}",
+            "question": f'Is the following statement something you would say?\n"{s}"',
+            "choices": {"A": "Yes", "B": "No"},
+            "positive": "A" if i % 2 == 0 else "B",
+        }
+        for i, s in enumerate(STATEMENTS)
+    ]
+
+
+def toy_answer_examples() -> list[dict]:
+    return [
+        {"id": f"q-{i}", "question": f"Question {i}: accept change?", "choices": {"A": "Yes, fine", "B": "No way"},
+         "positive": "A" if i % 2 else "B"}
+        for i in range(4)
+    ]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("protocol", ["statement", "answer", "ab"])
+def test_fast_sweep_equals_naive_loop(family, protocol):
+    model, tokenizer = make_model(family), make_tokenizer()
+    examples = toy_examples() if protocol == "statement" else toy_answer_examples()
+    if protocol == "ab":  # the character tokenizer splits "(A" into "(" + "A" as the protocol needs
+        examples = toy_examples()
+    items = [build_item(e, protocol, tokenizer, INFO) for e in examples]
+    vectors = torch.randn(NUM_LAYERS, 32, generator=torch.Generator().manual_seed(0))
+    multipliers = (-2.0, 0.0, 1.5)
+    fast = layer_sweep(model, items, vectors, 0, multipliers=multipliers, batch_size=4, progress=False)
+    engine = SteeringEngine(model)
+    intervention = AdditiveIntervention(vectors)
+    naive = np.zeros_like(fast["propensity"])
+    for i in range(len(items)):
+        for layer in range(NUM_LAYERS):
+            for j, m in enumerate(multipliers):
+                naive[i, layer, j] = score_propensities(
+                    model, engine, intervention, items, [(i, layer if m else None, m)], 0, batch_size=1
+                )[0]
+    np.testing.assert_allclose(fast["propensity"], naive, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fast["steerability"], steerability(multipliers, naive), rtol=1e-4, atol=1e-4)
+    assert np.abs(fast["steerability"]).max() > 0, "random vectors must move the propensity"
+
+
+def test_caa_vectors_equal_mean_difference_of_block_outputs():
+    model, tokenizer = make_model("qwen2"), make_tokenizer()
+    items = [build_item(e, "statement", tokenizer, INFO) for e in toy_examples()]
+    vectors = caa_vectors(model, items, 0, batch_size=4, progress=False)
+    positive, negative = [], []
+    for item in items:
+        (seq_index, position, sign), = item.caa
+        ids = torch.tensor([item.sequences[seq_index].input_ids])
+        with torch.no_grad():
+            states = model(input_ids=ids, output_hidden_states=True).hidden_states
+        # hidden_states[i + 1] is block i's output except the last entry, which has the final norm applied.
+        acts = torch.stack([states[i + 1][0, position] for i in range(NUM_LAYERS - 1)])
+        (positive if sign > 0 else negative).append(acts)
+    expected = torch.stack(positive).mean(0) - torch.stack(negative).mean(0)
+    torch.testing.assert_close(vectors[: NUM_LAYERS - 1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_sweep_resumes_without_recomputing_finished_layers(tmp_path, monkeypatch):
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    items = [build_item(e, "statement", tokenizer, INFO) for e in toy_examples()]
+    vectors = torch.randn(NUM_LAYERS, 32, generator=torch.Generator().manual_seed(1))
+    full = layer_sweep(model, items, vectors, 0, batch_size=4, progress=False)
+    calls = {"n": 0}
+    original = model.forward
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing_forward)
+    with pytest.raises(KeyboardInterrupt):
+        layer_sweep(model, items, vectors, 0, batch_size=4, progress=False, cache_dir=tmp_path)
+    finished = sorted(p.name for p in tmp_path.glob("chunk*.npy"))
+    assert finished, "layers finished before the kill must be on disk"
+    calls["n"] = -10**9  # no more failures; count forwards of the resumed run
+    start = calls["n"]
+    resumed = layer_sweep(model, items, vectors, 0, batch_size=4, progress=False, cache_dir=tmp_path)
+    total_units = len(list(tmp_path.glob("chunk*.npy")))
+    steered_forwards = calls["n"] - start
+    np.testing.assert_allclose(resumed["propensity"], full["propensity"], rtol=1e-5, atol=1e-6)
+    # Each chunk with missing layers costs 1 unsteered forward + 1 per missing layer; finished ones cost nothing.
+    chunks_total = total_units // NUM_LAYERS
+    assert steered_forwards <= (total_units - len(finished)) + chunks_total
+    with pytest.raises(ValueError, match="another sweep"):
+        layer_sweep(model, items, vectors * 2, 0, batch_size=4, progress=False, cache_dir=tmp_path)
+
+
+def test_pad_batch_right_pads():
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -1,0 +1,355 @@
+"""CAA vectors, propensity scoring and the per-sample layer sweep.
+
+The sweep scores every (sample, layer, multiplier) triple. Multipliers are batched as rows of one
+forward pass, the unsteered multiplier 0 is computed once and shared by all layers, the hidden
+states below the steered layer are reused from that unsteered pass instead of being recomputed, and
+every finished (chunk, layer) is written to a cache file, so a killed sweep restarts where it
+stopped and recomputes nothing it had finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layers import block_output, find_decoder_layers
+from .metrics import steerability
+from .protocols import Item, ScoredSequence
+from .steering import AdditiveIntervention, Intervention, SteeringEngine, SteeringRoute
+
+DEFAULT_MULTIPLIERS = (-2.0, -1.0, 0.0, 1.0, 2.0)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads token lists into `(input_ids, attention_mask)`."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@contextmanager
+def capture_block_outputs(model: nn.Module, layers_path: str | None = None):
+    """Context manager collecting every decoder block's raw output (tensor or tuple, before the final norm)."""
+    blocks = find_decoder_layers(model, layers_path)
+    outputs: list[torch.Tensor | None] = [None] * len(blocks)
+    handles = []
+
+    def make(index: int):
+        def hook(module, args, output):
+            outputs[index] = output
+
+        return hook
+
+    try:
+        for index, block in enumerate(blocks):
+            handles.append(block.register_forward_hook(make(index)))
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def caa_vectors(
+    model: nn.Module, items: Sequence[Item], pad_id: int, batch_size: int = 16, progress: bool = True
+) -> torch.Tensor:
+    """CAA steering vectors `[num_layers, hidden]`: mean of +1 reads minus mean of −1 reads per layer.
+
+    Example:
+
+    ```python
+    >>> vectors = caa_vectors(model, [build_item(ex, "answer", tok, info) for ex in train], tok.pad_token_id)
+    ```
+    """
+    reads = [(item.sequences[s].input_ids, pos, sign) for item in items for s, pos, sign in item.caa]
+    if not any(sign > 0 for *_, sign in reads) or not any(sign < 0 for *_, sign in reads):
+        raise ValueError("CAA needs at least one positive and one negative example.")
+    device = _device_of(model)
+    sums: dict[float, torch.Tensor] = {}
+    counts = {1.0: 0, -1.0: 0}
+    with capture_block_outputs(model) as outputs:
+        for start in tqdm(range(0, len(reads), batch_size), desc="CAA", disable=not progress):
+            chunk = reads[start : start + batch_size]
+            ids, mask = pad_batch([r[0] for r in chunk], pad_id)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            rows = torch.arange(len(chunk))
+            positions = torch.as_tensor([r[1] for r in chunk])
+            acts = torch.stack([block_output(o)[rows, positions].float().cpu() for o in outputs], 1)  # [b, L, H]
+            for sign in (1.0, -1.0):
+                selected = acts[torch.as_tensor([r[2] == sign for r in chunk])]
+                sums[sign] = sums.get(sign, 0) + selected.sum(0)
+                counts[sign] += selected.shape[0]
+    return sums[1.0] / counts[1.0] - sums[-1.0] / counts[-1.0]
+
+
+def _score_rows(logits: torch.Tensor, rows: Sequence, ids: torch.Tensor) -> torch.Tensor:
+    """Scores of each row's sequence from its logits (mean log-prob of a span, or a logit difference)."""
+    scores = torch.empty(len(rows))
+    for row, sequence in enumerate(rows):
+        start, end = sequence.span
+        if sequence.kind == "logit_diff":
+            position_logits = logits[row, start - 1].float()
+            scores[row] = position_logits[sequence.tokens[0]] - position_logits[sequence.tokens[1]]
+        else:
+            log_probs = torch.log_softmax(logits[row, start - 1 : end - 1].float(), -1)
+            scores[row] = log_probs.gather(-1, ids[row, start:end, None].to(log_probs.device)).mean()
+    return scores
+
+
+@torch.inference_mode()
+def score_propensities(
+    model: nn.Module,
+    engine: SteeringEngine,
+    intervention: Intervention | None,
+    items: Sequence[Item],
+    requests: Sequence[tuple[int, int | None, float]],
+    pad_id: int,
+    batch_size: int = 32,
+    policy: str = "all",
+    progress: bool = False,
+    row_vectors: torch.Tensor | None = None,
+) -> np.ndarray:
+    """Propensity of each `(item index, layer or None, multiplier)` request, steering each row alone.
+
+    Args:
+        row_vectors (`torch.Tensor` `[len(requests), hidden]`, *optional*): per-request vectors
+            (input-dependent steering) instead of the intervention's per-layer vectors.
+
+    Returns:
+        `np.ndarray` of shape `[len(requests)]`.
+    """
+    rows = []  # (request index, scored sequence)
+    for index, (item_index, _, _) in enumerate(requests):
+        for sequence in items[item_index].sequences:
+            if sequence.sign != 0:
+                rows.append((index, sequence))
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1].input_ids))
+    propensity = np.zeros(len(requests))
+    device = _device_of(model)
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", disable=not progress, leave=False):
+        chunk = [rows[r] for r in order[start : start + batch_size]]
+        ids, mask = pad_batch([seq.input_ids for _, seq in chunk], pad_id)
+        layers = [requests[i][1] for i, _ in chunk]
+        strengths = [0.0 if requests[i][1] is None else requests[i][2] for i, _ in chunk]
+        steered = intervention is not None and any(layer is not None for layer in layers)
+        if steered:
+            vectors = None if row_vectors is None else row_vectors[[i for i, _ in chunk]]
+            route = SteeringRoute.from_layers(layers, strengths, engine.num_layers, row_vectors=vectors)
+            with engine.steer(intervention, route, policy):
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        else:
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        scores = _score_rows(logits, [seq for _, seq in chunk], ids)
+        for (index, sequence), score in zip(chunk, scores.tolist()):
+            propensity[index] += sequence.sign * score
+    return propensity
+
+
+class SweepCache:
+    """Sweep results on disk: one `.npy` per finished unit of work + a JSON fingerprint, written atomically."""
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        manifest = self.directory / "manifest.json"
+        if manifest.is_file():
+            stored = json.loads(manifest.read_text())
+            if stored != fingerprint:
+                raise ValueError(
+                    f"Sweep cache {self.directory} belongs to another sweep ({stored} != {fingerprint}); "
+                    "use another cache folder or delete it."
+                )
+        else:
+            tmp = manifest.with_name(".manifest.json.tmp")
+            tmp.write_text(json.dumps(fingerprint, sort_keys=True))
+            os.replace(tmp, manifest)
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        path = self._path(key)
+        return np.load(path) if path.is_file() else None
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        tmp = self.directory / f".{key}.tmp.npy"
+        np.save(tmp, value)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, self._path(key))
+
+
+@contextmanager
+def replay_prefix(blocks: Sequence[nn.Module], layer: int, cached_output: torch.Tensor | tuple):
+    """Skips blocks `0..layer`: earlier blocks pass their input through, block `layer` returns `cached_output`.
+
+    `cached_output` has the structure the block returns (a tensor, or a 1-tuple for blocks that
+    return tuples; with `use_cache=False` models read only its first item).
+
+    Only the instance `forward` is replaced, so hooks on block `layer` (the steering hooks) still
+    run on the replayed output exactly as on a computed one. Restored in `finally`.
+    """
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def replay(hidden_states, *args, **kwargs):
+        return cached_output
+
+    try:
+        for index in range(layer):
+            blocks[index].forward = passthrough
+        blocks[layer].forward = replay
+        yield
+    finally:
+        for index in range(layer + 1):
+            blocks[index].__dict__.pop("forward", None)
+
+
+def _scored_rows(items: Sequence[Item], indices: Sequence[int]) -> list[tuple[int, ScoredSequence]]:
+    return [(i, seq) for i in indices for seq in items[i].sequences if seq.sign != 0]
+
+
+def _fingerprint(items: Sequence[Item], vectors: torch.Tensor, layers, multipliers, policy, extra) -> dict:
+    digest = hashlib.sha256()
+    for item in items:
+        for seq in item.sequences:
+            digest.update(np.asarray(seq.input_ids, dtype=np.int64).tobytes())
+    digest.update(vectors.detach().float().cpu().numpy().tobytes())
+    return {"items": digest.hexdigest(), "n": len(items), "layers": list(layers), "multipliers": list(multipliers),
+            "policy": policy, **(extra or {})}
+
+
+def layer_sweep(
+    model: nn.Module,
+    items: Sequence[Item],
+    vectors: torch.Tensor,
+    pad_id: int,
+    *,
+    layers: Sequence[int] | None = None,
+    multipliers: Sequence[float] = DEFAULT_MULTIPLIERS,
+    batch_size: int = 32,
+    policy: str = "all",
+    cache_dir: str | os.PathLike | None = None,
+    cache_key: dict | None = None,
+    progress: bool = True,
+    engine: SteeringEngine | None = None,
+) -> dict:
+    """Per-sample layer sweep: propensity at every layer and multiplier, and its steerability.
+
+    Samples are processed in chunks. For each chunk, one unsteered forward records every block
+    output (and the multiplier-0 propensity, shared by all layers); then, for each layer `l`, the
+    steered rows (chunk × non-zero multipliers) replay the recorded output of block `l`, are
+    steered there by the engine, and only blocks after `l` are computed. Each finished
+    (chunk, layer) is cached, so a killed sweep recomputes no finished layer of any chunk.
+
+    Args:
+        model: the base causal LM.
+        items: protocol items (one per sample).
+        vectors: `[num_layers, hidden]` steering vectors.
+        layers: layers to sweep (default: all).
+        multipliers: steering multipliers; 0 is scored once and shared by every layer.
+        batch_size: rows per steered forward (chunk size = batch_size // number of steered multipliers).
+        policy: position policy (`"all"` in the W2S protocols).
+        cache_dir: folder for resumable results; `cache_key` adds to the fingerprint that identifies the sweep.
+
+    Returns:
+        dict with `propensity` `[N, len(layers), M]`, `steerability` `[N, len(layers)]`, `layers`,
+        `multipliers`.
+
+    Example:
+
+    ```python
+    >>> result = layer_sweep(model, items, vectors, tok.pad_token_id, cache_dir="runs/x/sweep-train")
+    >>> result["steerability"].shape
+    (400, 30)
+    ```
+    """
+    engine = engine or SteeringEngine(model)
+    layers = list(range(engine.num_layers)) if layers is None else list(layers)
+    multipliers = [float(m) for m in multipliers]
+    steered = [m for m in multipliers if m != 0.0]
+    zero_columns = [j for j, m in enumerate(multipliers) if m == 0.0]
+    steered_columns = [j for j, m in enumerate(multipliers) if m != 0.0]
+    intervention = AdditiveIntervention(vectors)
+    cache = None
+    if cache_dir is not None:
+        cache = SweepCache(cache_dir, _fingerprint(items, vectors, layers, multipliers, policy, cache_key))
+    device = _device_of(model)
+    per_item = max(len(_scored_rows(items, [i])) for i in range(len(items)))
+    chunk_size = max(1, batch_size // max(1, len(steered) * per_item))
+    order = sorted(range(len(items)), key=lambda i: len(items[i].routing_ids))
+    propensity = np.zeros((len(items), len(layers), len(multipliers)))
+    chunks = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
+    bar = tqdm(total=len(chunks) * len(layers), desc="layer sweep", disable=not progress)
+    with torch.inference_mode():
+        for number, chunk in enumerate(chunks):
+            results = {layer: cache.get(f"chunk{number}-layer{layer}") if cache else None for layer in layers}
+            missing = [layer for layer in layers if results[layer] is None]
+            if missing:
+                rows = _scored_rows(items, chunk)
+                ids, mask = pad_batch([seq.input_ids for _, seq in rows], pad_id)
+                ids, mask = ids.to(device), mask.to(device)
+                with capture_block_outputs(model) as outputs:
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                recorded = list(outputs)
+                base = _accumulate(chunk, rows, _score_rows(logits, [seq for _, seq in rows], ids))
+                repeat = len(steered)
+                steered_ids, steered_mask = ids.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+                strengths = torch.tensor(steered).repeat(len(rows))
+                steered_rows = [row for row in rows for _ in steered]
+                for layer in missing:
+                    route = SteeringRoute(
+                        torch.zeros(len(steered_rows), engine.num_layers, dtype=torch.bool).index_fill_(1, torch.tensor([layer]), True),
+                        strengths,
+                    )
+                    cached = block_output(recorded[layer]).repeat_interleave(repeat, 0)
+                    if isinstance(recorded[layer], tuple):
+                        cached = (cached,)
+                    with replay_prefix(engine.layers, layer, cached), engine.steer(intervention, route, policy):
+                        logits = model(input_ids=steered_ids, attention_mask=steered_mask, use_cache=False).logits
+                    scores = _score_rows(logits, [seq for _, seq in steered_rows], steered_ids).view(len(rows), repeat)
+                    result = np.empty((len(chunk), len(multipliers)))
+                    result[:, zero_columns] = base[:, None]
+                    for k in range(repeat):
+                        result[:, steered_columns[k]] = _accumulate(chunk, rows, scores[:, k])
+                    results[layer] = result
+                    if cache:
+                        cache.put(f"chunk{number}-layer{layer}", result)
+                    bar.update(1)
+            bar.update(len(layers) - len(missing))
+            for position, layer in enumerate(layers):
+                propensity[chunk, position] = results[layer]
+    bar.close()
+    return {
+        "propensity": propensity,
+        "steerability": steerability(multipliers, propensity),
+        "layers": layers,
+        "multipliers": multipliers,
+    }
+
+
+def _accumulate(chunk: Sequence[int], rows: Sequence[tuple[int, ScoredSequence]], scores: torch.Tensor) -> np.ndarray:
+    """Signed sum of each item's sequence scores (its propensity), in chunk order."""
+    position = {item: k for k, item in enumerate(chunk)}
+    total = np.zeros(len(chunk))
+    for (item, sequence), score in zip(rows, scores.tolist()):
+        total[position[item]] += sequence.sign * score
+    return total
