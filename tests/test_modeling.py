@@ -1,0 +1,155 @@
+"""W2SSteeringModel on tiny models: routing, generate/forward/pipeline, bundle round trip, refusals."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import HIDDEN, NUM_LAYERS, make_model, make_tokenizer
+from safetensors import safe_open
+from transformers import pipeline
+
+from w2s_hf import BundleConfig, BundleError, SteeringBundle, W2SSteeringModel
+from w2s_hf.bundle import CONFIG_NAME, WEIGHTS_NAME, describe_base_model
+from w2s_hf.predictor import LayerPredictor
+from w2s_hf.steering import AdditiveIntervention, SteeringEngine, SteeringRoute
+
+PROMPTS = ["Hello there, who are you?", "Tea or coffee?", "Tell me a story about a cat."]
+
+
+def make_bundle(model, seed: int = 0, strength: float = 6.0, policy: str = "all") -> SteeringBundle:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    predictor = LayerPredictor(HIDDEN, candidate_layers=[1, 2, 3], hidden_dim=16, num_hidden_layers=1)
+    tensors = {"steering_vectors": torch.randn(NUM_LAYERS, HIDDEN, generator=generator)}
+    tensors.update({f"predictor.{k}": v for k, v in predictor.state_dict().items()})
+    config = BundleConfig(
+        base_model=describe_base_model(model),
+        encoder={"type": "internal", "layer": 0},
+        predictor=predictor.config_dict(),
+        fixed_layer=2,
+        default_strength=strength,
+        position_policy=policy,
+    )
+    return SteeringBundle(config, tensors)
+
+
+@pytest.fixture
+def w2s(family):
+    model = make_model(family)
+    return W2SSteeringModel(model, make_bundle(model), tokenizer=make_tokenizer())
+
+
+def encode(tokenizer, prompts=PROMPTS):
+    return tokenizer(prompts, return_tensors="pt", padding=True)
+
+
+def test_generate_steers_each_row_at_its_predicted_layer(w2s):
+    batch = encode(w2s.tokenizer)
+    layers = w2s.predict_layers(batch["input_ids"], batch["attention_mask"])
+    assert set(layers.tolist()) <= {1, 2, 3}
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    routed = w2s.generate(**batch, **kwargs)
+    engine = SteeringEngine(w2s.base_model)
+    route = SteeringRoute.from_layers(layers, 6.0, NUM_LAYERS, prompt_lengths=batch["attention_mask"].sum(-1))
+    with engine.steer(AdditiveIntervention(w2s.bundle.steering_vectors), route, policy="all"):
+        oracle = w2s.base_model.generate(**batch, **kwargs)
+    assert torch.equal(routed, oracle)
+    with w2s.disable_steering():
+        plain = w2s.generate(**batch, **kwargs)
+    assert torch.equal(plain, w2s.base_model.generate(**batch, **kwargs))
+    assert not torch.equal(plain, routed)
+    zero = w2s.generate(**batch, steering_strength=0.0, **kwargs)
+    assert torch.equal(zero, plain)
+
+
+def test_manual_layer_and_strength_override(w2s):
+    batch = encode(w2s.tokenizer)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with w2s.steering(layer=3, strength=-4.0):
+        manual = w2s.generate(**batch, **kwargs)
+    per_call = w2s.generate(**batch, steering_layer=3, steering_strength=-4.0, **kwargs)
+    assert torch.equal(manual, per_call)
+    engine = SteeringEngine(w2s.base_model)
+    route = SteeringRoute.uniform(3, [3], -4.0, NUM_LAYERS)
+    with engine.steer(AdditiveIntervention(w2s.bundle.steering_vectors), route):
+        oracle = w2s.base_model.generate(**batch, **kwargs)
+    assert torch.equal(manual, oracle)
+
+
+def test_forward_scores_like_the_engine(w2s):
+    batch = encode(w2s.tokenizer)
+    logits = w2s(**batch).logits
+    layers = w2s.predict_layers(batch["input_ids"], batch["attention_mask"])
+    engine = SteeringEngine(w2s.base_model)
+    with engine.steer(AdditiveIntervention(w2s.bundle.steering_vectors), SteeringRoute.from_layers(layers, 6.0, NUM_LAYERS)):
+        oracle = w2s.base_model(**batch).logits
+    torch.testing.assert_close(logits, oracle)
+
+
+def test_pipeline_equals_generate_and_logs_no_support_error(w2s, caplog):
+    with caplog.at_level(logging.ERROR):
+        pipe = pipeline("text-generation", model=w2s, tokenizer=w2s.tokenizer)
+    assert "not supported" not in caplog.text
+    prompt = PROMPTS[0]
+    text = pipe(prompt, max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
+    batch = encode(w2s.tokenizer, [prompt])
+    out = w2s.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert text == w2s.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    with w2s.disable_steering():
+        plain = pipe(prompt, max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert plain != text
+
+
+def test_no_hook_remains_after_generate_raises(w2s):
+    batch = encode(w2s.tokenizer)
+    before = {k for m in w2s.engine.layers for k in m._forward_hooks}
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("streamer failed")
+
+    class Streamer:
+        put = boom
+        end = boom
+
+    with pytest.raises(RuntimeError, match="streamer failed"):
+        w2s.generate(**batch, max_new_tokens=3, streamer=Streamer(), pad_token_id=0)
+    assert {k for m in w2s.engine.layers for k in m._forward_hooks} == before
+    assert not w2s.engine.has_hooks
+
+
+def test_save_load_round_trip_is_bit_exact_and_writes_no_base_weights(w2s, tmp_path):
+    w2s.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["README.md", CONFIG_NAME, WEIGHTS_NAME])
+    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert keys == set(w2s.bundle.tensors), "only bundle tensors are written"
+    assert not any(k.startswith(("model.", "transformer.", "lm_head")) for k in keys)
+    loaded = W2SSteeringModel.from_pretrained(tmp_path, base_model=w2s.base_model, tokenizer=w2s.tokenizer)
+    for name, tensor in w2s.bundle.tensors.items():
+        assert torch.equal(loaded.bundle.tensors[name], tensor), name
+    batch = encode(w2s.tokenizer)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(loaded.generate(**batch, **kwargs), w2s.generate(**batch, **kwargs))
+
+
+def test_mismatched_base_model_is_refused(tmp_path):
+    model = make_model("llama")
+    make_bundle(model).save(tmp_path)
+    deeper = make_model("llama", num_layers=NUM_LAYERS + 2)
+    with pytest.raises(BundleError, match="decoder layers"):
+        W2SSteeringModel.from_pretrained(tmp_path, base_model=deeper, tokenizer=make_tokenizer())
+
+
+def test_attribute_forwarding_and_bad_calls(w2s):
+    assert w2s.config is w2s.base_model.config
+    assert w2s.generation_config is w2s.base_model.generation_config
+    batch = encode(w2s.tokenizer)
+    with pytest.raises(ValueError, match="finite"):
+        w2s.generate(**batch, steering_strength=float("nan"))
+    with pytest.raises(ValueError, match="position policy"):
+        w2s.generate(**batch, steering_policy="sometimes")
+    with pytest.raises(ValueError, match="no real token"):
+        w2s.generate(input_ids=batch["input_ids"], attention_mask=torch.zeros_like(batch["attention_mask"]))
+    assert not w2s.engine.has_hooks

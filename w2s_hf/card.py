@@ -1,0 +1,80 @@
+"""Model cards for steering bundles, rendered from the templates in `hub_cards/`.
+
+The card is written by `save_pretrained` and uploaded with the bundle by `push_to_hub`, so the
+Hub never shows a generic card. Its YAML metadata follows the Hub conventions (`library_name`,
+`base_model`, `tags`, `pipeline_tag`, `datasets`).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+from .bundle import SteeringBundle
+
+LIBRARY_NAME = "w2s-hf"
+
+
+def card_metadata(bundle: SteeringBundle) -> dict:
+    """The card's YAML metadata as a dict."""
+    config = bundle.config
+    tags = ["w2s-hf", "steering", "activation-steering", f"steering-{config.method}"]
+    if config.predictor is not None:
+        tags.append("where-to-steer")
+    metadata = {
+        "library_name": LIBRARY_NAME,
+        "base_model": config.base_model["name_or_path"],
+        "pipeline_tag": "text-generation",
+        "tags": tags,
+    }
+    datasets = config.training.get("datasets")
+    if datasets:
+        metadata["datasets"] = list(datasets)
+    return metadata
+
+
+def _evaluation_table(evaluation: dict) -> str:
+    rows = evaluation.get("rows")
+    if not rows:
+        return "No evaluation was recorded in this bundle."
+    header = "| setting | layer | steerability | prop. steerable |\n| --- | --- | ---: | ---: |"
+    lines = [
+        f"| {row['setting']} | {row.get('layer', 'routed')} | {row['steerability']:.3f} | {row['prop_steerable']:.3f} |"
+        for row in rows
+    ]
+    note = evaluation.get("note", "")
+    return "\n".join([header, *lines]) + (f"\n\n{note}" if note else "")
+
+
+def render_model_card(bundle: SteeringBundle, repo_id: str | None = None) -> str:
+    """Renders the bundle's model card (YAML metadata + markdown)."""
+    import yaml
+
+    config = bundle.config
+    template = (files("w2s_hf.hub_cards") / "model_card.md").read_text()
+    candidates = bundle.tensors.get("predictor.candidate_layers")
+    base = config.base_model["name_or_path"]
+    return template.format(
+        metadata=yaml.safe_dump(card_metadata(bundle), sort_keys=False).strip(),
+        title=f"w2s-hf steering bundle for {base}",
+        base_model=base,
+        repo_id=repo_id or "path/to/this/bundle",
+        method=config.method,
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        encoder=json.dumps(config.encoder) if config.encoder else "none (fixed layer)",
+        candidates=candidates.tolist() if candidates is not None else "-",
+        fixed_layer=config.fixed_layer,
+        default_strength=config.default_strength,
+        position_policy=config.position_policy,
+        training=json.dumps(config.training) if config.training else "-",
+        evaluation=_evaluation_table(config.evaluation),
+    )
+
+
+def write_model_card(bundle: SteeringBundle, directory: Path, repo_id: str | None = None) -> Path:
+    """Writes `README.md` (the model card) into a bundle folder."""
+    path = Path(directory) / "README.md"
+    path.write_text(render_model_card(bundle, repo_id))
+    return path

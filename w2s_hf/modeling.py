@@ -1,0 +1,362 @@
+"""`W2SSteeringModel`: a causal LM that picks, for every prompt, the layer to steer.
+
+It wraps any `AutoModelForCausalLM` (or PEFT model) by composition, like `peft.PeftModel`: the base
+model is held, not copied; attributes it does not define are forwarded to the base model; only the
+steering bundle is ever saved.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bundle import BundleError, SteeringBundle
+from .encoders import PromptEncoder, encoder_from_spec
+from .predictor import LayerPredictor
+from .steering import (
+    AdditiveIntervention,
+    Intervention,
+    SteeringEngine,
+    SteeringRoute,
+    check_position_policy,
+    check_strength,
+)
+
+
+def prompt_texts(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[str]:
+    """Decodes the real (unpadded) tokens of each prompt, without special tokens.
+
+    This is the text external prompt encoders see, both when a bundle is trained and when it routes
+    inside `generate`, so the two always agree.
+    """
+    rows = []
+    for index, ids in enumerate(input_ids):
+        if attention_mask is not None:
+            ids = ids[attention_mask[index].bool()]
+        rows.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return rows
+
+
+def embed_prompts(
+    encoder: PromptEncoder, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Router input for tokenized prompts: the internal encoder reads ids, the others decoded text."""
+    if encoder.uses_base_model:
+        return encoder.encode_ids(input_ids, attention_mask)
+    return encoder.encode_texts(prompt_texts(tokenizer, input_ids, attention_mask))
+
+
+def build_intervention(bundle: SteeringBundle) -> Intervention:
+    """The intervention a bundle's `method` names."""
+    if bundle.config.method == "caa":
+        return AdditiveIntervention(bundle.steering_vectors)
+    from .rotation import RotationIntervention
+
+    return RotationIntervention.from_bundle(bundle)
+
+
+@dataclass
+class _Override:
+    enabled: bool = True
+    layers: Sequence[int] | None = None
+    strength: float | None = None
+
+
+class W2SSteeringModel(nn.Module):
+    """A causal LM steered at a per-prompt layer chosen by a learned router (Where to Steer).
+
+    Args:
+        base_model (`PreTrainedModel` or `PeftModel`): the model to steer. It is wrapped, not copied.
+        bundle (`SteeringBundle`): steering vectors, router and config; checked against `base_model`.
+        tokenizer (*optional*): the base model's tokenizer (needed to route from token ids with a
+            text encoder). Defaults to the one of the bundle's base model.
+        encoder (`PromptEncoder`, *optional*): overrides the encoder the bundle names.
+        layers_path (`str`, *optional*): decoder-block list path for unusual architectures.
+
+    Example:
+
+    ```python
+    >>> from w2s_hf import W2SSteeringModel
+    >>> model = W2SSteeringModel.from_pretrained("runs/anti-LGBTQ")
+    >>> batch = model.tokenizer(["Tell me about yourself."], return_tensors="pt")
+    >>> out = model.generate(**batch, max_new_tokens=32)           # routed and steered
+    >>> out = model.generate(**batch, steering_strength=0.0)        # same routing, no effect
+    >>> with model.steering(layer=12, strength=4.0):               # manual control
+    ...     out = model.generate(**batch)
+    ```
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        bundle: SteeringBundle,
+        tokenizer=None,
+        encoder: PromptEncoder | None = None,
+        layers_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        bundle.check_compatible(base_model)
+        self.base_model = base_model
+        self.bundle = bundle
+        self.engine = SteeringEngine(base_model, layers_path)
+        self.intervention = build_intervention(bundle)
+        state = bundle.predictor_state_dict()
+        self.predictor = (
+            LayerPredictor.from_config_dict(bundle.config.predictor, state).eval()
+            if bundle.config.predictor is not None
+            else None
+        )
+        self._tokenizer = tokenizer
+        self._encoder = encoder
+        self._override = threading.local()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_modules"):
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        bundle_name_or_path: str | os.PathLike,
+        base_model: nn.Module | None = None,
+        tokenizer=None,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        encoder: PromptEncoder | None = None,
+        layers_path: str | None = None,
+        **base_model_kwargs,
+    ) -> W2SSteeringModel:
+        """Loads a bundle (local folder or Hub id) and wraps its base model.
+
+        Args:
+            bundle_name_or_path: bundle folder or Hub repo id.
+            base_model (*optional*): bring your own base model (PEFT too); by default the model named
+                in the bundle config is loaded (the packaged SmolLM2 for the embedded default).
+            tokenizer (*optional*): its tokenizer.
+            revision, token, cache_dir: Hub options for the bundle.
+            base_model_kwargs: passed to the base model's `from_pretrained` (`device_map`, `dtype`, ...).
+        """
+        from .defaults import load_base_model, load_tokenizer
+
+        bundle = SteeringBundle.load(bundle_name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+        info = bundle.config.base_model
+        if base_model is None:
+            base_model = load_base_model(
+                info["name_or_path"], revision=info.get("revision"), gguf_file=info.get("gguf_file"), **base_model_kwargs
+            )
+        if tokenizer is None:
+            tokenizer = load_tokenizer(info["name_or_path"], revision=info.get("revision"), gguf_file=info.get("gguf_file"))
+        return cls(base_model, bundle, tokenizer=tokenizer, encoder=encoder, layers_path=layers_path)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **card_kwargs) -> None:
+        """Writes the steering bundle (never the base weights) and its model card."""
+        from .card import write_model_card
+
+        self.bundle.save(save_directory)
+        write_model_card(self.bundle, Path(save_directory), **card_kwargs)
+
+    # ------------------------------------------------------------------ routing
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .defaults import load_tokenizer
+
+            info = self.bundle.config.base_model
+            self._tokenizer = load_tokenizer(
+                info["name_or_path"], revision=info.get("revision"), gguf_file=info.get("gguf_file")
+            )
+        return self._tokenizer
+
+    @property
+    def encoder(self) -> PromptEncoder | None:
+        if self._encoder is None and self.bundle.config.encoder is not None:
+            self._encoder = encoder_from_spec(self.bundle.config.encoder, self.base_model, self.tokenizer)
+        return self._encoder
+
+    @property
+    def num_layers(self) -> int:
+        return self.engine.num_layers
+
+    def predict_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer each prompt is steered at: `LongTensor[batch]` (the fixed layer without a router)."""
+        if self.predictor is None or self.encoder is None:
+            if self.bundle.config.fixed_layer is None:
+                raise BundleError("This bundle has neither a layer predictor nor a fixed layer; pass `steering_layer=`.")
+            return torch.full((input_ids.shape[0],), self.bundle.config.fixed_layer, dtype=torch.long)
+        embeddings = embed_prompts(self.encoder, self.tokenizer, input_ids, attention_mask)
+        with torch.no_grad():
+            return self.predictor.predict_layers(embeddings).cpu()
+
+    def _route(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        strength: float | Sequence[float] | None,
+        layer: int | Sequence[int] | None,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> SteeringRoute:
+        override = self._current_override()
+        strength = strength if strength is not None else override.strength
+        strength = self.bundle.config.default_strength if strength is None else strength
+        if input_ids is None:
+            raise ValueError("W2SSteeringModel routes from `input_ids`; pass them (inputs_embeds alone cannot be routed).")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"`input_ids` must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}.")
+        if attention_mask is not None and (attention_mask.sum(-1) == 0).any():
+            raise ValueError("A row of the batch has no real token (attention mask all zero); remove empty prompts.")
+        batch = input_ids.shape[0]
+        if prompt_lengths is None:
+            prompt_lengths = (
+                attention_mask.long().sum(-1).cpu()
+                if attention_mask is not None
+                else torch.full((batch,), input_ids.shape[1], dtype=torch.long)
+            )
+        if isinstance(strength, (int, float)):
+            check_strength(strength)
+        layers = layer if layer is not None else override.layers
+        if layers is not None:
+            layer_list = [layers] * batch if isinstance(layers, int) else list(layers)
+            return SteeringRoute.from_layers(layer_list, strength, self.num_layers, prompt_lengths)
+        routed_ids, routed_mask = _prompt_part(input_ids, attention_mask, prompt_lengths)
+        return SteeringRoute.from_layers(
+            self.predict_layers(routed_ids, routed_mask), strength, self.num_layers, prompt_lengths
+        )
+
+    @contextmanager
+    def _steered(self, route: SteeringRoute | None, policy: str | None) -> Iterator[None]:
+        if route is None:
+            yield
+            return
+        with self.engine.steer(self.intervention, route, policy or self.bundle.config.position_policy):
+            yield
+
+    def _current_override(self) -> _Override:
+        return getattr(self._override, "value", None) or _Override()
+
+    def _enabled(self) -> bool:
+        return self._current_override().enabled
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        *args,
+        steering_strength: float | Sequence[float] | None = None,
+        steering_layer: int | Sequence[int] | None = None,
+        steering_policy: str | None = None,
+        **kwargs,
+    ):
+        """`generate` of the base model, with each prompt steered at its own predicted layer.
+
+        Every `generate` argument works as usual (sampling, beam search, `num_return_sequences`,
+        `generation_config`, streamers, ...).
+
+        Args:
+            steering_strength (`float` or per-row list, *optional*): multiplier of the steering vector
+                (default: the bundle's `default_strength`); 0 disables the effect.
+            steering_layer (`int` or per-row list, *optional*): bypass the router.
+            steering_policy (`str`, *optional*): `"all"` or `"generated"` (default: the bundle's).
+        """
+        if steering_policy is not None:
+            check_position_policy(steering_policy)
+        input_ids = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
+        route = None
+        if self._enabled():
+            route = self._route(input_ids, kwargs.get("attention_mask"), steering_strength, steering_layer)
+        with self._steered(route, steering_policy):
+            return self.base_model.generate(*args, **kwargs)
+
+    def forward(
+        self,
+        *args,
+        steering_strength: float | Sequence[float] | None = None,
+        steering_layer: int | Sequence[int] | None = None,
+        steering_policy: str | None = None,
+        steering_prompt_lengths: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Forward pass of the base model, steered like `generate` (for scoring).
+
+        Args:
+            steering_prompt_lengths (`torch.LongTensor` `[batch]`, *optional*): real prompt tokens per
+                row when the input is prompt + continuation; only the prompt is routed, and the
+                `generated` policy steers from the last prompt token on.
+        """
+        if steering_policy is not None:
+            check_position_policy(steering_policy)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        route = None
+        if self._enabled():
+            route = self._route(
+                input_ids, kwargs.get("attention_mask"), steering_strength, steering_layer, steering_prompt_lengths
+            )
+        with self._steered(route, steering_policy):
+            return self.base_model(*args, **kwargs)
+
+    @contextmanager
+    def steering(
+        self, layer: int | Sequence[int] | None = None, strength: float | None = None
+    ) -> Iterator[W2SSteeringModel]:
+        """Context manager: steer this thread's calls at a fixed `layer` and/or `strength`.
+
+        Example:
+
+        ```python
+        >>> with model.steering(layer=10, strength=-2.0):
+        ...     out = model.generate(**batch)
+        ```
+        """
+        if strength is not None:
+            check_strength(strength)
+        previous = getattr(self._override, "value", None)
+        self._override.value = _Override(True, layer, strength)
+        try:
+            yield self
+        finally:
+            self._override.value = previous
+
+    @contextmanager
+    def disable_steering(self) -> Iterator[W2SSteeringModel]:
+        """Context manager: this thread's calls run the unsteered base model."""
+        previous = getattr(self._override, "value", None)
+        self._override.value = _Override(enabled=False)
+        try:
+            yield self
+        finally:
+            self._override.value = previous
+
+
+def _prompt_part(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prompt_lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The routed part of each row: its first `prompt_lengths[b]` real tokens."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    real_index = mask.long().cumsum(-1) - 1
+    keep = mask.bool() & (real_index < prompt_lengths.to(mask.device)[:, None])
+    if bool((keep == mask.bool()).all()):
+        return input_ids, attention_mask
+    return input_ids, keep.long()
+
+
+def register_with_transformers() -> None:
+    """Lets `pipeline("text-generation", model=W2SSteeringModel(...))` accept the wrapper.
+
+    The text-generation pipeline checks the model's class name against transformers' causal-LM name
+    mapping (the same table that makes it accept `PeftModelForCausalLM`); we add ours there.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("w2s_steering", W2SSteeringModel.__name__)
