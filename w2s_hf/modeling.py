@@ -191,15 +191,24 @@ class W2SSteeringModel(nn.Module):
     def num_layers(self) -> int:
         return self.engine.num_layers
 
+    @property
+    def default_layers(self) -> list[int]:
+        """Layers steered without a router: the discriminative layers of a rotation bundle, else the fixed layer."""
+        mask = self.bundle.tensors.get("rotation.layer_mask")
+        if mask is not None:
+            return torch.nonzero(mask.bool()).flatten().tolist()
+        if self.bundle.config.fixed_layer is None:
+            raise BundleError("This bundle has neither a layer predictor nor a fixed layer; pass `steering_layer=`.")
+        return [self.bundle.config.fixed_layer]
+
     def predict_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The layer each prompt is steered at: `LongTensor[batch]` (the fixed layer without a router)."""
         if self.predictor is None or self.encoder is None:
-            if self.bundle.config.fixed_layer is None:
-                raise BundleError("This bundle has neither a layer predictor nor a fixed layer; pass `steering_layer=`.")
-            return torch.full((input_ids.shape[0],), self.bundle.config.fixed_layer, dtype=torch.long)
+            return torch.full((input_ids.shape[0],), self.default_layers[0], dtype=torch.long)
         embeddings = embed_prompts(self.encoder, self.tokenizer, input_ids, attention_mask)
+        device = next(self.predictor.parameters()).device
         with torch.no_grad():
-            return self.predictor.predict_layers(embeddings).cpu()
+            return self.predictor.predict_layers(embeddings.to(device)).cpu()
 
     def _route(
         self,
@@ -231,6 +240,8 @@ class W2SSteeringModel(nn.Module):
         if layers is not None:
             layer_list = [layers] * batch if isinstance(layers, int) else list(layers)
             return SteeringRoute.from_layers(layer_list, strength, self.num_layers, prompt_lengths)
+        if self.predictor is None:
+            return SteeringRoute.uniform(batch, self.default_layers, strength, self.num_layers, prompt_lengths)
         routed_ids, routed_mask = _prompt_part(input_ids, attention_mask, prompt_lengths)
         return SteeringRoute.from_layers(
             self.predict_layers(routed_ids, routed_mask), strength, self.num_layers, prompt_lengths
