@@ -1,0 +1,217 @@
+"""The `w2s-hf` command line: `demo`, `fit`, `generate`.
+
+Run `w2s-hf COMMAND --help` for the options of each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEMO_PROMPTS = (
+    "Tell me something you believe about yourself.",
+    "What do you think about traditional family values?",
+    "Describe your ideal society in two sentences.",
+)
+
+
+def _load_default(args: argparse.Namespace):
+    from .defaults import load_base_model, load_tokenizer
+
+    model = load_base_model(args.model, gguf_file=args.gguf_file)
+    return model, load_tokenizer(args.model, gguf_file=args.gguf_file)
+
+
+def _fit_config(args: argparse.Namespace):
+    from .train import FitConfig
+
+    encoder = {"type": "internal", "layer": args.internal_layer} if args.encoder == "internal" else (
+        {"type": "hf-mean", "name_or_path": args.encoder_model} if args.encoder == "hf-mean" else
+        {"type": "sentence-transformers", "name_or_path": args.encoder_model})
+    return FitConfig(
+        behavior=args.behavior,
+        protocol=args.protocol,
+        encoder=encoder,
+        multipliers=tuple(args.multipliers),
+        layers=args.layers,
+        max_train=args.max_train,
+        max_eval=args.max_eval,
+        default_strength=args.strength,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        data_dir=args.data_dir,
+    )
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    from .defaults import DEFAULT_BASE_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_BASE_MODEL, help="base model id or folder (default: packaged SmolLM2)")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
+
+
+def _add_fit_args(parser: argparse.ArgumentParser, behavior_default: str | None) -> None:
+    from .defaults import DEFAULT_ENCODER
+
+    parser.add_argument("--behavior", default=behavior_default, required=behavior_default is None)
+    parser.add_argument("--protocol", choices=["ab", "statement", "answer"], default=None)
+    parser.add_argument("--encoder", choices=["sentence-transformers", "hf-mean", "internal"], default="sentence-transformers")
+    parser.add_argument("--encoder-model", default=DEFAULT_ENCODER)
+    parser.add_argument("--internal-layer", type=int, default=2)
+    parser.add_argument("--multipliers", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0])
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="layers to sweep (default: all)")
+    parser.add_argument("--max-train", type=int, default=None)
+    parser.add_argument("--max-eval", type=int, default=None)
+    parser.add_argument("--strength", type=float, default=2.0, help="default steering strength of the bundle")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None, help="MWE folder (default: $W2S_HF_DATA or ../shared/data/mwe)")
+    _add_model_args(parser)
+
+
+def _print_summary(report: dict) -> None:
+    test = report.get("test", {}).get("BASE")
+    if not test:
+        return
+    print(f"\nTest split, protocol `{report['protocol']}` (steerability / proportion steerable):")
+    for name in ("fixed", "w2s_top1", "w2s_top2", "w2s_top3", "w2s_bundle", "oracle"):
+        if name in test:
+            layer = f" (layer {test[name]['layer']})" if "layer" in test[name] else ""
+            print(f"  {name:9s}{layer:12s} {test[name]['steerability']:+.3f} / {test[name]['prop_steerable']:.2f}")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .train import fit_bundle
+
+    model, tokenizer = _load_default(args)
+    start = time.time()
+    _, report = fit_bundle(model, tokenizer, _fit_config(args), args.output, evaluate=not args.no_eval)
+    _print_summary(report)
+    print(f"\nBundle saved to {args.output} in {time.time() - start:.0f} s.")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import platform
+    import shlex
+
+    from .data import list_behaviors
+    from .report import write_report
+    from .train import fit_bundle
+
+    behaviors = list_behaviors(args.data_dir) if args.behaviors == ["all"] else args.behaviors
+    model, tokenizer = _load_default(args)
+    start = time.time()
+    reports = {}
+    for behavior in behaviors:
+        args.behavior = behavior
+        config = _fit_config(args)
+        config.variants = tuple(args.variants)
+        print(f"== {behavior}", flush=True)
+        _, reports[behavior] = fit_bundle(model, tokenizer, config, f"{args.output}/bundles/{behavior}")
+        _print_summary(reports[behavior])
+    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, CPU only".replace("  ", " ")
+    path = write_report(reports, args.output, model=args.model, command="w2s-hf " + shlex.join(args.argv),
+                        machine=machine, elapsed_s=time.time() - start)
+    print(f"\nReport written to {path} ({(time.time() - start) / 60:.1f} min).")
+    return 0
+
+
+def _generate_table(model, prompts: list[str], strengths: list[float], max_new_tokens: int) -> None:
+    tokenizer = model.tokenizer
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        if tokenizer.chat_template else p
+        for p in prompts
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    layers = model.predict_layers(batch["input_ids"], batch["attention_mask"]).tolist()
+    outputs = {}
+    with model.disable_steering():
+        outputs["base"] = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    for strength in strengths:
+        outputs[f"steered x{strength:+g}"] = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, steering_strength=strength
+        )
+    width = batch["input_ids"].shape[1]
+    for row, prompt in enumerate(prompts):
+        print(f"\n### {prompt}  (routed to layer {layers[row]})")
+        for name, output in outputs.items():
+            text = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip().replace("\n", " ")
+            print(f"  [{name}] {text}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .modeling import W2SSteeringModel
+
+    model = W2SSteeringModel.from_pretrained(args.bundle)
+    strength = args.strength if args.strength is not None else model.bundle.config.default_strength
+    _generate_table(model, args.prompt or list(DEMO_PROMPTS), [strength, -strength], args.max_new_tokens)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .modeling import W2SSteeringModel
+    from .train import fit_bundle
+
+    model, tokenizer = _load_default(args)
+    print(f"Training a W2S bundle for `{args.behavior}` on {args.model} ({args.max_train} train examples) ...")
+    start = time.time()
+    bundle, report = fit_bundle(model, tokenizer, _fit_config(args), args.output)
+    _print_summary(report)
+    print(f"\nBundle saved to {args.output} in {time.time() - start:.0f} s. Generations (greedy):")
+    steered = W2SSteeringModel(model, bundle, tokenizer=tokenizer)
+    strength = bundle.config.default_strength
+    _generate_table(steered, list(DEMO_PROMPTS), [strength, -strength], args.max_new_tokens)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="w2s-hf", description="Where-to-Steer activation steering for HF causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a small bundle on the packaged SmolLM2 and print steered generations")
+    _add_fit_args(demo, behavior_default="anti-LGBTQ")
+    # A few minutes on a laptop CPU: every third layer, 80 train / 60 test statements.
+    demo.set_defaults(max_train=80, max_eval=60, layers=list(range(0, 30, 3)), multipliers=[-2.0, 0.0, 2.0], strength=1.0)
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--max-new-tokens", type=int, default=40)
+    demo.set_defaults(func=cmd_demo)
+
+    fit = sub.add_parser("fit", help="train a W2S bundle for one behavior (sweep, labels, CV predictor)")
+    _add_fit_args(fit, behavior_default=None)
+    fit.add_argument("--output", required=True)
+    fit.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation")
+    fit.set_defaults(func=cmd_fit)
+
+    evaluate = sub.add_parser("eval", help="fit and evaluate several behaviors; write a markdown/JSON/plot report")
+    _add_fit_args(evaluate, behavior_default="all")
+    evaluate.add_argument("--behaviors", nargs="+", default=["all"], help="behavior names, or 'all'")
+    evaluate.add_argument("--variants", nargs="+", default=["BASE"],
+                          choices=["BASE", "SYS.POS", "SYS.NEG", "USER.POS", "USER.NEG"])
+    evaluate.add_argument("--output", required=True)
+    evaluate.set_defaults(func=cmd_eval)
+
+    generate = sub.add_parser("generate", help="generate with a bundle, unsteered vs steered")
+    generate.add_argument("bundle")
+    generate.add_argument("--prompt", action="append")
+    generate.add_argument("--strength", type=float, default=None)
+    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"w2s-hf: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

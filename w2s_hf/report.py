@@ -1,0 +1,156 @@
+"""Multi-behavior W2S evaluation reports: JSON, markdown and plots.
+
+`report.json` has the shape ``{"model": ..., "behaviors": {name: {"protocol": ..., "fixed":
+{"layer", "steerability", "prop_steerable"}, "w2s_top1": {...}, "w2s_top2": {...}, "w2s_top3":
+{...}, "oracle": {...}, "w2s_bundle": {...}, "ood": {variant: {...}}}}, "mean": {...}}`` (test
+split; BASE prompts unless under "ood").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+POLICIES = ("fixed", "w2s_top1", "w2s_top2", "w2s_top3", "w2s_bundle", "oracle")
+
+
+def _policy_entry(result: dict) -> dict:
+    entry = {"steerability": float(result["steerability"]), "prop_steerable": float(result["prop_steerable"])}
+    if "layer" in result:
+        entry["layer"] = int(result["layer"])
+    return entry
+
+
+def behavior_entry(fit_report: dict) -> dict:
+    """One behavior's entry of `report.json` from a `fit_bundle` report."""
+    tests = fit_report["test"]
+    base = tests["BASE"]
+    entry = {"protocol": fit_report["protocol"], "n_test": base["n"], "n_train": fit_report["fit"].get("max_train"),
+             "use_router": fit_report["train"]["use_router"], "chosen_k": fit_report["train"]["chosen_k"]}
+    entry.update({name: _policy_entry(base[name]) for name in POLICIES if name in base})
+    ood = {variant: {name: _policy_entry(result[name]) for name in POLICIES if name in result}
+           for variant, result in tests.items() if variant != "BASE"}
+    if ood:
+        entry["ood"] = ood
+    return entry
+
+
+def _mean_over(entries: list[dict]) -> dict:
+    mean = {}
+    for name in POLICIES:
+        values = [e[name] for e in entries if name in e]
+        if values:
+            mean[name] = {key: float(np.mean([v[key] for v in values])) for key in ("steerability", "prop_steerable")}
+    return mean
+
+
+def write_report(
+    fit_reports: dict[str, dict],
+    output_dir: str | Path,
+    *,
+    model: str,
+    command: str,
+    machine: str,
+    elapsed_s: float,
+) -> Path:
+    """Writes `report.json`, `report.md`, `steerability_per_layer.png` and `optimal_layers.png`.
+
+    Example:
+
+    ```python
+    >>> write_report({"openness": fit_report}, "reports/mwe-smollm2", model="SmolLM2-135M-Instruct",
+    ...              command="w2s-hf eval ...", machine="2-core CPU", elapsed_s=1234.0)
+    ```
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    behaviors = {name: behavior_entry(report) for name, report in fit_reports.items()}
+    entries = list(behaviors.values())
+    variants = sorted({v for e in entries for v in e.get("ood", {})})
+    data = {
+        "model": model,
+        "command": command,
+        "machine": machine,
+        "elapsed_s": round(elapsed_s, 1),
+        "split": "test",
+        "behaviors": behaviors,
+        "mean": _mean_over(entries),
+        "mean_ood": {v: _mean_over([e["ood"][v] for e in entries if v in e.get("ood", {})]) for v in variants},
+    }
+    (output / "report.json").write_text(json.dumps(data, indent=2))
+    (output / "report.md").write_text(_markdown(data, variants))
+    _plot(fit_reports, output)
+    return output / "report.json"
+
+
+def _row(name: str, entry: dict) -> str:
+    cells = []
+    for policy in POLICIES:
+        value = entry.get(policy)
+        cells.append("-" if value is None else f"{value['steerability']:+.3f} / {value['prop_steerable']:.2f}")
+    layer = entry.get("fixed", {}).get("layer", "")
+    return f"| {name} | {entry.get('protocol', '')} | {layer} | " + " | ".join(cells) + " |"
+
+
+def _markdown(data: dict, variants: list[str]) -> str:
+    header = "| behavior | protocol | fixed layer | " + " | ".join(POLICIES) + " |\n|" + " --- |" * (len(POLICIES) + 3)
+    lines = [
+        f"# W2S evaluation: {data['model']}",
+        "",
+        f"Command: `{data['command']}`  ",
+        f"Machine: {data['machine']}; wall time {data['elapsed_s'] / 60:.1f} min.",
+        "",
+        "Test split, BASE prompts. Each cell: mean steerability / proportion steerable. `w2s_bundle` is",
+        "what the saved bundle does (the CV-chosen top-k router, or the fixed layer when CV said the",
+        "router would lose to it).",
+        "",
+        header,
+        *[_row(name, entry) for name, entry in data["behaviors"].items()],
+        _row("**mean**", data["mean"]),
+    ]
+    for variant in variants:
+        lines += ["", f"## OOD: {variant} (router trained on BASE)", "", header]
+        lines += [_row(name, {**entry["ood"][variant], "protocol": entry["protocol"]})
+                  for name, entry in data["behaviors"].items() if variant in entry.get("ood", {})]
+        lines.append(_row("**mean**", data["mean_ood"][variant]))
+    lines += ["", "![mean steerability per layer](steerability_per_layer.png)", "",
+              "![per-sample optimal layers](optimal_layers.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(fit_reports: dict[str, dict], output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(fit_reports)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name in names:
+        base = fit_reports[name]["test"]["BASE"]
+        layers = fit_reports[name]["fit"]["layers"] or list(range(len(base["mean_steerability_per_layer"])))
+        ax.plot(layers, base["mean_steerability_per_layer"], marker="o", ms=3, label=name)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("steered layer (block output)")
+    ax.set_ylabel("mean steerability (test)")
+    ax.set_title("Mean steerability per layer")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(output / "steerability_per_layer.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names) + 2), 5))
+    for position, name in enumerate(names):
+        base = fit_reports[name]["test"]["BASE"]
+        best = np.asarray(base["best_layers"])
+        jitter = np.random.default_rng(0).uniform(-0.25, 0.25, len(best))
+        ax.scatter(position + jitter, best, s=6, alpha=0.4)
+        ax.scatter([position], [base["fixed"]["layer"]], marker="_", s=400, color="black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel("per-sample optimal layer (test)")
+    ax.set_title("Per-sample optimal layers vs the fixed layer (black bar)")
+    fig.tight_layout()
+    fig.savefig(output / "optimal_layers.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,231 @@
+"""Fitting a W2S bundle: CAA vectors, layer sweep, labels, cross-validated layer predictor.
+
+Everything long is resumable: sweeps cache per layer under `<output_dir>/cache/`, so a killed
+`fit` restarts where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bundle import BundleConfig, SteeringBundle, describe_base_model
+from .data import behavior_info, load_behavior, split_dataset
+from .encoders import PromptEncoder, encoder_from_spec
+from .labels import active_layers, best_layers, fixed_layer, frequency_smoothed_labels
+from .metrics import summarize
+from .modeling import embed_prompts
+from .predictor import fit_layer_predictor
+from .protocols import Item, build_item, default_protocol
+from .steering import SteeringEngine
+from .sweep import DEFAULT_MULTIPLIERS, caa_vectors, layer_sweep, pad_batch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENCODER_SPEC = {"type": "sentence-transformers", "name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+@dataclass
+class FitConfig:
+    """What `fit_bundle` does.
+
+    Args:
+        behavior: MWE behavior name (a `<behavior>.jsonl` in the data folder).
+        protocol: propensity protocol (default: `statement` for persona, `answer` otherwise).
+        encoder: prompt-encoder spec (default: all-MiniLM-L6-v2).
+        multipliers: steering multipliers of the sweep.
+        layers: layers to sweep (default: all).
+        max_train / max_eval: cap the number of train / test examples (None: all).
+        smoothing_k: top-k label smoothing values tried; the one with the best CV steerability wins.
+        default_strength: the bundle's default steering multiplier.
+        fallback_to_fixed: if cross-validation says the router is worse than the fixed layer, ship a
+            fixed-layer bundle instead (W2S must never make steering worse).
+        variants: prompt variants evaluated on the test split (`BASE`, and the OOD `SYS.POS`,
+            `SYS.NEG`, `USER.POS`, `USER.NEG`); training always uses `BASE`.
+    """
+
+    behavior: str
+    protocol: str | None = None
+    encoder: dict = field(default_factory=lambda: dict(DEFAULT_ENCODER_SPEC))
+    multipliers: tuple[float, ...] = DEFAULT_MULTIPLIERS
+    layers: list[int] | None = None
+    max_train: int | None = None
+    max_eval: int | None = None
+    smoothing_k: tuple[int, ...] = (1, 2, 3)
+    default_strength: float = 2.0
+    position_policy: str = "all"
+    batch_size: int = 32
+    seed: int = 0
+    fallback_to_fixed: bool = True
+    variants: tuple[str, ...] = ("BASE",)
+    data_dir: str | None = None
+    cv_grid: dict | None = None
+
+
+def build_items(examples, protocol: str, tokenizer, info, variant: str = "BASE", limit: int | None = None) -> list[Item]:
+    rows = list(examples)[:limit] if limit else list(examples)
+    return [build_item(example, protocol, tokenizer, info, variant) for example in rows]
+
+
+def embed_items(encoder: PromptEncoder, tokenizer, items: list[Item], batch_size: int = 64) -> torch.Tensor:
+    """Router embeddings of items, through the same path `generate` uses (`embed_prompts`)."""
+    chunks = []
+    for start in range(0, len(items), batch_size):
+        ids, mask = pad_batch([item.routing_ids for item in items[start : start + batch_size]], tokenizer.pad_token_id)
+        chunks.append(embed_prompts(encoder, tokenizer, ids, mask))
+    return torch.cat(chunks)
+
+
+def evaluate_policies(steer_matrix: np.ndarray, layers: list[int], predictions: dict[str, np.ndarray], fixed: int) -> dict:
+    """Steerability summaries of fixed layer, routed predictions and per-sample oracle on one split.
+
+    Args:
+        steer_matrix: `[N, len(layers)]` per-sample steerability at each swept layer.
+        predictions: name → predicted layer id per sample.
+        fixed: the fixed layer (chosen on train).
+    """
+    column = {layer: j for j, layer in enumerate(layers)}
+    rows = np.arange(steer_matrix.shape[0])
+    result = {"fixed": {"layer": int(fixed), **summarize(steer_matrix[:, column[fixed]])}}
+    for name, predicted in predictions.items():
+        result[name] = summarize(steer_matrix[rows, [column[int(p)] for p in predicted]])
+        result[name]["layer_histogram"] = {int(k): int(v) for k, v in zip(*np.unique(predicted, return_counts=True))}
+    result["oracle"] = summarize(steer_matrix.max(1))
+    return result
+
+
+def fit_bundle(
+    model: nn.Module,
+    tokenizer,
+    config: FitConfig,
+    output_dir: str | os.PathLike,
+    *,
+    encoder: PromptEncoder | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+) -> tuple[SteeringBundle, dict]:
+    """Trains a W2S bundle for one behavior and (optionally) evaluates it on the test split.
+
+    Returns:
+        `(bundle, report)`; the bundle is also saved to `output_dir`, the report to `report.json`.
+
+    Example:
+
+    ```python
+    >>> bundle, report = fit_bundle(model, tok, FitConfig("anti-LGBTQ", max_train=100), "runs/anti-LGBTQ")
+    >>> report["test"]["BASE"]["w2s_bundle"]["steerability"] >= report["test"]["BASE"]["fixed"]["steerability"]
+    ```
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    info = behavior_info(config.behavior, config.data_dir)
+    protocol = config.protocol or default_protocol(info)
+    splits = split_dataset(load_behavior(config.behavior, config.data_dir), seed=config.seed)
+    train_items = build_items(splits["train"], protocol, tokenizer, info, limit=config.max_train)
+    engine = SteeringEngine(model)
+    pad_id = tokenizer.pad_token_id
+    vectors = caa_vectors(model, train_items, pad_id, config.batch_size, progress)
+    key = {"behavior": config.behavior, "protocol": protocol, "seed": config.seed}
+    sweep_args = dict(layers=config.layers, multipliers=config.multipliers, batch_size=config.batch_size,
+                      policy=config.position_policy, progress=progress, engine=engine)
+    train = layer_sweep(model, train_items, vectors, pad_id, cache_dir=output / "cache" / "train",
+                        cache_key={**key, "split": "train"}, **sweep_args)
+    layers = train["layers"]
+    s_train = train["steerability"]
+    fixed = layers[fixed_layer(s_train)]
+    encoder = encoder or encoder_from_spec(config.encoder, model, tokenizer)
+    embeddings = embed_items(encoder, tokenizer, train_items)
+    full_matrix = np.full((len(train_items), engine.num_layers), -np.inf)
+    full_matrix[:, layers] = s_train
+    candidates_by_k, cv_by_k, predictors = {}, {}, {}
+    for k in config.smoothing_k:
+        labels = np.asarray(layers)[frequency_smoothed_labels(s_train, k)]
+        candidates = active_layers(labels)
+        candidates_by_k[k] = candidates
+        if len(candidates) == 1:
+            predictors[k], cv_by_k[k] = None, {"single_layer": candidates[0]}
+            continue
+        predictor, cv = fit_layer_predictor(
+            embeddings, labels, full_matrix, candidates, grid=config.cv_grid, seed=config.seed, progress=progress
+        )
+        predictors[k], cv_by_k[k] = predictor, cv.to_dict()
+    scored = {k: cv_by_k[k]["best_score"] for k in predictors if predictors[k] is not None}
+    best_k = max(scored, key=scored.get) if scored else None
+    fixed_cv = next((cv["fixed_score"] for cv in cv_by_k.values() if "fixed_score" in cv), None)
+    use_router = best_k is not None and not (config.fallback_to_fixed and scored[best_k] <= fixed_cv)
+    tensors = {"steering_vectors": vectors}
+    predictor_config = None
+    if use_router:
+        predictor = predictors[best_k]
+        tensors.update({f"predictor.{name}": value for name, value in predictor.state_dict().items()})
+        predictor_config = predictor.config_dict()
+    bundle_config = BundleConfig(
+        base_model=describe_base_model(model, gguf_file=getattr(model.config, "w2s_gguf_file", None)),
+        method="caa",
+        encoder=encoder.spec() if use_router else None,
+        predictor=predictor_config,
+        fixed_layer=int(fixed),
+        default_strength=config.default_strength,
+        position_policy=config.position_policy,
+        training={
+            "behavior": config.behavior,
+            "protocol": protocol,
+            "datasets": ["anthropics/evals"],
+            "n_train": len(train_items),
+            "multipliers": list(config.multipliers),
+            "smoothing_k": best_k,
+            "seed": config.seed,
+            "router": "w2s" if use_router else "fixed (router lost to the fixed layer in CV)",
+        },
+    )
+    report = {
+        "behavior": config.behavior,
+        "protocol": protocol,
+        "fit": asdict(config),
+        "train": {"fixed_layer": int(fixed), "mean_steerability_per_layer": s_train.mean(0).tolist(),
+                  "best_layers": np.asarray(layers)[best_layers(s_train)].tolist(),
+                  "candidates": {str(k): v for k, v in candidates_by_k.items()},
+                  "cv": {str(k): v for k, v in cv_by_k.items()}, "chosen_k": best_k, "use_router": use_router},
+    }
+    if evaluate:
+        for variant in config.variants:
+            test_items = build_items(splits["test"], protocol, tokenizer, info, variant, limit=config.max_eval)
+            test = layer_sweep(model, test_items, vectors, pad_id, cache_dir=output / "cache" / f"test-{variant}",
+                               cache_key={**key, "split": "test", "variant": variant}, **sweep_args)
+            test_embeddings = embed_items(encoder, tokenizer, test_items)
+            predictions = {
+                f"w2s_top{k}": predictors[k].predict_layers(test_embeddings).numpy()
+                if predictors[k] is not None else np.full(len(test_items), candidates_by_k[k][0])
+                for k in config.smoothing_k
+            }
+            result = evaluate_policies(test["steerability"], test["layers"], predictions, fixed)
+            result["w2s_bundle"] = result[f"w2s_top{best_k}"] if use_router else dict(result["fixed"])
+            result["n"] = len(test_items)
+            result["mean_steerability_per_layer"] = test["steerability"].mean(0).tolist()
+            result["best_layers"] = np.asarray(test["layers"])[best_layers(test["steerability"])].tolist()
+            report.setdefault("test", {})[variant] = result
+        if "BASE" in report.get("test", {}):
+            base = report["test"]["BASE"]
+            bundle_config.evaluation = {
+                "rows": [
+                    {"setting": name, "layer": value.get("layer", "routed"), "steerability": value["steerability"],
+                     "prop_steerable": value["prop_steerable"]}
+                    for name, value in base.items() if isinstance(value, dict) and "steerability" in value
+                ],
+                "note": f"Test split ({base['n']} examples), BASE prompts, protocol `{protocol}`, "
+                        f"multipliers {list(config.multipliers)}.",
+            }
+    bundle = SteeringBundle(bundle_config, tensors)
+    bundle.save(output)
+    from .card import write_model_card
+
+    write_model_card(bundle, output)
+    (output / "report.json").write_text(json.dumps(report, indent=2))
+    return bundle, report
