@@ -37,7 +37,7 @@ def test_fit_stores_the_plane_and_the_discriminative_mask(fitted):
     torch.testing.assert_close(bundle.tensors["rotation.b1"], plane.b1)
     torch.testing.assert_close(bundle.tensors["rotation.b2"], plane.b2)
     expected = discriminative_layer_mask(positive, negative, plane.b1)
-    assert torch.equal(bundle.tensors["rotation.layer_mask"], expected) and expected.any()
+    assert torch.equal(bundle.tensors["layer_mask"], expected) and expected.any()
 
 
 def test_rotation_bundle_rotates_exactly_the_masked_layers_and_preserves_norms(fitted, tmp_path):
@@ -45,7 +45,7 @@ def test_rotation_bundle_rotates_exactly_the_masked_layers_and_preserves_norms(f
     bundle.save(tmp_path)
     w2s = W2SSteeringModel.from_pretrained(tmp_path, base_model=model, tokenizer=tokenizer)
     assert isinstance(w2s.intervention, RotationIntervention)
-    layers = torch.nonzero(bundle.tensors["rotation.layer_mask"]).flatten().tolist()
+    layers = torch.nonzero(bundle.tensors["layer_mask"]).flatten().tolist()
     assert w2s.default_layers == layers
     batch = tokenizer(["Tea or coffee?", "Tell me a story."], return_tensors="pt", padding=True)
     blocks = find_decoder_layers(model)

@@ -5,7 +5,8 @@ A bundle is two files (plus an optional model card and plots):
 * ``w2s_config.json``: :class:`BundleConfig` (base model id/revision/hidden size/layer count,
   encoder spec, predictor hyper-parameters, default strength and position policy, format version).
 * ``w2s_bundle.safetensors``: ``steering_vectors`` `[num_layers, hidden]` (float32), the layer
-  predictor weights under ``predictor.*``, and method-specific tensors (e.g. ``rotation.*``).
+  predictor weights under ``predictor.*``, an optional bool ``layer_mask`` `[num_layers]` (layers
+  steered together when there is no router), and method-specific tensors (e.g. ``rotation.*``).
 
 Loading reads only JSON and safetensors: nothing is unpickled and no code from a bundle runs. Both
 files carry the same random ``bundle_id``; a pair that does not match (an interrupted save) is
@@ -170,6 +171,9 @@ class SteeringBundle:
         for name, tensor in self.tensors.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise BundleError(f"Bundle tensor {name!r} contains NaN or inf; the bundle is corrupt, re-train it.")
+        mask = self.tensors.get("layer_mask")
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (self.config.num_layers,)):
+            raise BundleError(f"layer_mask must be a bool tensor of shape [{self.config.num_layers}].")
         candidates = self.tensors.get("predictor.candidate_layers")
         if candidates is not None and (
             (candidates < 0).any() or (candidates >= self.config.num_layers).any() or candidates.numel() == 0

@@ -193,8 +193,9 @@ class W2SSteeringModel(nn.Module):
 
     @property
     def default_layers(self) -> list[int]:
-        """Layers steered without a router: the discriminative layers of a rotation bundle, else the fixed layer."""
-        mask = self.bundle.tensors.get("rotation.layer_mask")
+        """Layers steered without a router: the bundle's `layer_mask` (e.g. the discriminative layers of a
+        rotation bundle, or the layers of an imported control vector), else its fixed layer."""
+        mask = self.bundle.tensors.get("layer_mask")
         if mask is not None:
             return torch.nonzero(mask.bool()).flatten().tolist()
         if self.bundle.config.fixed_layer is None:

@@ -470,7 +470,7 @@ class RotationIntervention:
     """Steering in a plane as an engine intervention; each row's strength is its angle (radians).
 
     For mode `add` the strength is the coefficient of `b1`. A bundle with `method="rotation"` stores
-    the plane as `rotation.b1` / `rotation.b2` and the discriminative mask as `rotation.layer_mask`.
+    the plane as `rotation.b1` / `rotation.b2` and the discriminative mask as `layer_mask`.
 
     Args:
         plane (`SteeringPlane`): the steering plane.
@@ -508,7 +508,7 @@ class RotationIntervention:
     def from_bundle(cls, bundle) -> RotationIntervention:
         """The intervention of a `method="rotation"` bundle."""
         tensors = bundle.tensors
-        for name in ("rotation.b1", "rotation.b2", "rotation.layer_mask"):
+        for name in ("rotation.b1", "rotation.b2"):
             if name not in tensors:
                 raise ValueError(f"Rotation bundle is missing the tensor {name!r}; re-fit it with w2s-hf.")
         plane = SteeringPlane(tensors["rotation.b1"].float(), tensors["rotation.b2"].float())

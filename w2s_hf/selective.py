@@ -75,6 +75,6 @@ def fit_rotation_bundle(
         "steering_vectors": differences,
         "rotation.b1": plane.b1,
         "rotation.b2": plane.b2,
-        "rotation.layer_mask": mask,
+        "layer_mask": mask,
     }
     return SteeringBundle(config, tensors)

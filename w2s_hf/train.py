@@ -162,10 +162,13 @@ def fit_bundle(
     use_router = best_k is not None and not (config.fallback_to_fixed and scored[best_k] <= fixed_cv)
     tensors = {"steering_vectors": vectors}
     predictor_config = None
+    predicted_counts = {}
     if use_router:
         predictor = predictors[best_k]
         tensors.update({f"predictor.{name}": value for name, value in predictor.state_dict().items()})
         predictor_config = predictor.config_dict()
+        layers_seen, counts = np.unique(predictor.predict_layers(embeddings).numpy(), return_counts=True)
+        predicted_counts = {str(int(layer)): int(count) for layer, count in zip(layers_seen, counts)}
     bundle_config = BundleConfig(
         base_model=describe_base_model(model, gguf_file=getattr(model.config, "w2s_gguf_file", None)),
         method="caa",
@@ -183,6 +186,7 @@ def fit_bundle(
             "smoothing_k": best_k,
             "seed": config.seed,
             "router": "w2s" if use_router else "fixed (router lost to the fixed layer in CV)",
+            "predicted_layer_counts": predicted_counts,
         },
     )
     report = {
