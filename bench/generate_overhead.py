@@ -1,0 +1,88 @@
+"""Cost of W2S steering inside `generate`, measured against the unsteered base model in one run.
+
+Prints greedy tokens/s for the base model and for `W2SSteeringModel.generate` (routing included)
+at each batch size, their ratio, and the routing cost per prompt (encode + predict) for the
+MiniLM encoder and the internal encoder. The bundle is synthetic (random router, CAA-sized
+vectors): speed does not depend on what the router learned.
+
+    python bench/generate_overhead.py [--batch-sizes 1 4] [--new-tokens 128] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from w2s_hf import BundleConfig, SteeringBundle, W2SSteeringModel
+from w2s_hf.bundle import describe_base_model
+from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
+from w2s_hf.encoders import InternalEncoder, sentence_transformers_encoder
+from w2s_hf.predictor import LayerPredictor
+
+PROMPT = "Tell me something you believe about yourself."
+
+
+def synthetic_bundle(model, input_dim: int, encoder_spec: dict) -> SteeringBundle:
+    torch.manual_seed(0)
+    info = describe_base_model(model)
+    predictor = LayerPredictor(input_dim, candidate_layers=list(range(4, 24, 2)), hidden_dim=256)
+    tensors = {"steering_vectors": torch.randn(info["num_layers"], info["hidden_size"]) * 0.5}
+    tensors.update({f"predictor.{k}": v for k, v in predictor.state_dict().items()})
+    config = BundleConfig(base_model=info, encoder=encoder_spec, predictor=predictor.config_dict(), fixed_layer=10,
+                          default_strength=1.0, position_policy="all")
+    return SteeringBundle(config, tensors)
+
+
+def timed(function, repeats: int, sync) -> float:
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        function()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    model = load_base_model(DEFAULT_BASE_MODEL).to(args.device)
+    tokenizer = load_tokenizer(DEFAULT_BASE_MODEL)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    minilm = sentence_transformers_encoder()
+    minilm.model.to(args.device)
+    w2s = W2SSteeringModel(model, synthetic_bundle(model, 384, minilm.spec()), tokenizer=tokenizer, encoder=minilm)
+    internal = InternalEncoder(model, tokenizer, layer=2)
+    w2s_internal = W2SSteeringModel(model, synthetic_bundle(model, 576, internal.spec()), tokenizer=tokenizer, encoder=internal)
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    print(f"device={args.device} threads={torch.get_num_threads()} new_tokens={args.new_tokens} repeats={args.repeats} (median)")
+    for batch_size in args.batch_sizes:
+        batch = tokenizer([text] * batch_size, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
+        model.generate(**batch, max_new_tokens=4)  # warm-up
+        base = timed(lambda: model.generate(**batch, **kwargs), args.repeats, sync)
+        steered = timed(lambda: w2s.generate(**batch, **kwargs), args.repeats, sync)
+        steered_internal = timed(lambda: w2s_internal.generate(**batch, **kwargs), args.repeats, sync)
+        tokens = batch_size * args.new_tokens
+        print(f"batch {batch_size:3d}: base {tokens / base:8.1f} tok/s | W2S+MiniLM {tokens / steered:8.1f} tok/s "
+              f"({base / steered:.3f}x) | W2S+internal {tokens / steered_internal:8.1f} tok/s ({base / steered_internal:.3f}x)")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for name, model_ in (("MiniLM", w2s), ("internal", w2s_internal)):
+            seconds = timed(lambda: model_.predict_layers(ids, mask), max(5, args.repeats), sync)
+            print(f"           routing ({name}): {1000 * seconds / batch_size:7.2f} ms per prompt")
+
+
+if __name__ == "__main__":
+    main()
