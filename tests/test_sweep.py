@@ -114,3 +114,56 @@ def test_interrupted_sweep_resumes_without_recomputing_finished_layers(tmp_path,
 def test_pad_batch_right_pads():
     ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_sharded_sweeps_merge_to_the_single_process_result(tmp_path):
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    items = [build_item(e, "statement", tokenizer, INFO) for e in toy_examples()]
+    vectors = torch.randn(NUM_LAYERS, 32, generator=torch.Generator().manual_seed(2))
+    single = layer_sweep(model, items, vectors, 0, batch_size=4, progress=False)
+    first = layer_sweep(model, items, vectors, 0, batch_size=4, progress=False, cache_dir=tmp_path, shard=(0, 2))
+    assert np.isnan(first["propensity"]).any() and not np.isnan(first["propensity"]).all()
+    layer_sweep(model, items, vectors, 0, batch_size=4, progress=False, cache_dir=tmp_path, shard=(1, 2))
+    merged = layer_sweep(model, items, vectors, 0, batch_size=4, progress=False, cache_dir=tmp_path)
+    np.testing.assert_array_equal(merged["propensity"], single["propensity"])
+    with pytest.raises(ValueError, match="cache_dir"):
+        layer_sweep(model, items, vectors, 0, shard=(0, 2), progress=False)
+
+
+DATA_PARALLEL_SCRIPT = """
+import sys, numpy as np, torch
+sys.path.insert(0, {tests!r})
+from conftest import NUM_LAYERS, make_model, make_tokenizer
+from test_sweep import INFO, toy_examples
+from w2s_hf.protocols import build_item
+from w2s_hf.sweep import data_parallel_layer_sweep
+from accelerate import PartialState
+
+torch.set_num_threads(1)
+model, tokenizer = make_model("llama"), make_tokenizer()
+items = [build_item(e, "statement", tokenizer, INFO) for e in toy_examples()]
+vectors = torch.randn(NUM_LAYERS, 32, generator=torch.Generator().manual_seed(2))
+result = data_parallel_layer_sweep(model, items, vectors, 0, batch_size=4, progress=False, cache_dir={cache!r})
+np.save({out!r} + f"/rank{{PartialState().process_index}}.npy", result["propensity"])
+"""
+
+
+def test_data_parallel_sweep_under_torchrun_equals_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "sweep_job.py"
+    script.write_text(DATA_PARALLEL_SCRIPT.format(tests=tests, cache=str(tmp_path / "cache"), out=str(tmp_path)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    items = [build_item(e, "statement", tokenizer, INFO) for e in toy_examples()]
+    vectors = torch.randn(NUM_LAYERS, 32, generator=torch.Generator().manual_seed(2))
+    single = layer_sweep(model, items, vectors, 0, batch_size=4, progress=False, cache_dir=tmp_path / "single")
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"rank{rank}.npy"), single["propensity"])
+    units = sorted(p.name for p in (tmp_path / "single").glob("chunk*.npy"))
+    assert sorted(p.name for p in (tmp_path / "cache").glob("chunk*.npy")) == units  # the shards wrote exactly the units of one process

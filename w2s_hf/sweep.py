@@ -192,7 +192,7 @@ class SweepCache:
                     "use another cache folder or delete it."
                 )
         else:
-            tmp = manifest.with_name(".manifest.json.tmp")
+            tmp = manifest.with_name(f".manifest.{os.getpid()}.tmp")  # processes of a data-parallel sweep race here
             tmp.write_text(json.dumps(fingerprint, sort_keys=True))
             os.replace(tmp, manifest)
 
@@ -204,11 +204,14 @@ class SweepCache:
         return np.load(path) if path.is_file() else None
 
     def put(self, key: str, value: np.ndarray) -> None:
-        tmp = self.directory / f".{key}.tmp.npy"
+        tmp = self.directory / f".{key}.{os.getpid()}.tmp.npy"
         np.save(tmp, value)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, self._path(key))
+        # A unit is computed again only when a run was killed before its rename: drop that run's temp file.
+        for stale in self.directory.glob(f".{key}.*.tmp.npy"):
+            stale.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -266,6 +269,7 @@ def layer_sweep(
     cache_key: dict | None = None,
     progress: bool = True,
     engine: SteeringEngine | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Per-sample layer sweep: propensity at every layer and multiplier, and its steerability.
 
@@ -284,6 +288,8 @@ def layer_sweep(
         batch_size: rows per steered forward (chunk size = batch_size // number of steered multipliers).
         policy: position policy (`"all"` in the W2S protocols).
         cache_dir: folder for resumable results; `cache_key` adds to the fingerprint that identifies the sweep.
+        shard: `(rank, world_size)`: compute only the chunks `rank, rank + world_size, ...` into the
+            cache (rows of other chunks are NaN unless already cached). See `data_parallel_layer_sweep`.
 
     Returns:
         dict with `propensity` `[N, len(layers), M]`, `steerability` `[N, len(layers)]`, `layers`,
@@ -304,6 +310,8 @@ def layer_sweep(
     zero_columns = [j for j, m in enumerate(multipliers) if m == 0.0]
     steered_columns = [j for j, m in enumerate(multipliers) if m != 0.0]
     intervention = AdditiveIntervention(vectors)
+    if shard is not None and cache_dir is None:
+        raise ValueError("A sharded sweep needs `cache_dir`: the shards are merged through the cache.")
     cache = None
     if cache_dir is not None:
         cache = SweepCache(cache_dir, _fingerprint(items, vectors, layers, multipliers, policy, cache_key))
@@ -318,6 +326,10 @@ def layer_sweep(
         for number, chunk in enumerate(chunks):
             results = {layer: cache.get(f"chunk{number}-layer{layer}") if cache else None for layer in layers}
             missing = [layer for layer in layers if results[layer] is None]
+            if missing and shard is not None and number % shard[1] != shard[0]:
+                for layer in missing:
+                    results[layer] = np.full((len(chunk), len(multipliers)), np.nan)
+                missing = []
             if missing:
                 rows = _scored_rows(items, chunk)
                 ids, mask = pad_batch([seq.input_ids for _, seq in rows], pad_id)
@@ -353,12 +365,37 @@ def layer_sweep(
             for position, layer in enumerate(layers):
                 propensity[chunk, position] = results[layer]
     bar.close()
+    complete = not np.isnan(propensity).any()  # a shard leaves the chunks of other processes NaN
     return {
         "propensity": propensity,
-        "steerability": steerability(multipliers, propensity),
+        "steerability": steerability(multipliers, propensity) if complete else np.full(propensity.shape[:2], np.nan),
         "layers": layers,
         "multipliers": multipliers,
     }
+
+
+def data_parallel_layer_sweep(model: nn.Module, items: Sequence[Item], vectors: torch.Tensor, pad_id: int, *,
+                              cache_dir: str | os.PathLike, **kwargs) -> dict:
+    """`layer_sweep` shared by the processes of an `accelerate launch` (or `torchrun`) job.
+
+    Each process computes every `world_size`-th chunk into the shared `cache_dir`; after a barrier,
+    every process reads the merged result from the cache. The result is identical to a
+    single-process `layer_sweep` (same chunks, same batches), and the sweep stays resumable.
+
+    Example:
+
+    ```python
+    >>> # accelerate launch --num_processes 2 sweep.py   (GPUs), or torchrun --nproc_per_node 2 sweep.py (CPU)
+    >>> result = data_parallel_layer_sweep(model, items, vectors, tok.pad_token_id, cache_dir="runs/sweep")
+    ```
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_device_of(model).type == "cpu")  # gloo for CPU models, the default backend otherwise
+    layer_sweep(model, items, vectors, pad_id, cache_dir=cache_dir,
+                shard=(state.process_index, state.num_processes), **kwargs)
+    state.wait_for_everyone()
+    return layer_sweep(model, items, vectors, pad_id, cache_dir=cache_dir, **kwargs)
 
 
 def _accumulate(chunk: Sequence[int], rows: Sequence[tuple[int, ScoredSequence]], scores: torch.Tensor) -> np.ndarray:

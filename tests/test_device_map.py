@@ -1,0 +1,49 @@
+"""Accelerate `device_map` dispatch: layers offloaded to disk steer exactly like the in-memory model."""
+
+from __future__ import annotations
+
+import torch
+from conftest import NUM_LAYERS, make_model, make_tokenizer
+from transformers import AutoModelForCausalLM
+
+from test_modeling import PROMPTS, make_bundle
+from w2s_hf import W2SSteeringModel
+from w2s_hf.steering import AdditiveIntervention, SteeringEngine, SteeringRoute
+
+
+def offloaded_device_map() -> dict[str, str]:
+    """Embeddings and the first two blocks on CPU; the last blocks, norm and head offloaded to disk."""
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu"}
+    for index in range(NUM_LAYERS):
+        device_map[f"model.layers.{index}"] = "cpu" if index < 2 else "disk"
+    device_map.update({"model.norm": "disk", "lm_head": "disk"})
+    return device_map
+
+
+def test_disk_offloaded_model_steers_like_the_in_memory_model(tmp_path):
+    reference = make_model("llama")
+    reference.save_pretrained(tmp_path / "base")
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=offloaded_device_map(), offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert "disk" in set(offloaded.hf_device_map.values())
+    assert any(p.device.type == "meta" for p in offloaded.parameters()), "nothing was offloaded"
+
+    tokenizer = make_tokenizer()
+    bundle = make_bundle(reference)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    w2s_offloaded = W2SSteeringModel(offloaded, bundle, tokenizer=tokenizer)
+    layers = w2s_offloaded.predict_layers(batch["input_ids"], batch["attention_mask"])
+    route = SteeringRoute.from_layers(layers, bundle.config.default_strength, NUM_LAYERS,
+                                      prompt_lengths=batch["attention_mask"].sum(-1))
+    with SteeringEngine(reference).steer(AdditiveIntervention(bundle.steering_vectors), route, policy="all"):
+        oracle_tokens = reference.generate(**batch, **kwargs)
+        oracle_logits = reference(**batch).logits
+
+    assert torch.equal(w2s_offloaded.generate(**batch, **kwargs), oracle_tokens)
+    torch.testing.assert_close(w2s_offloaded(**batch).logits, oracle_logits, rtol=1e-5, atol=1e-5)
+    with w2s_offloaded.disable_steering():
+        assert torch.equal(w2s_offloaded.generate(**batch, **kwargs), reference.generate(**batch, **kwargs))
+    assert not torch.equal(oracle_tokens, reference.generate(**batch, **kwargs))
