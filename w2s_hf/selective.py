@@ -12,6 +12,7 @@ import math
 
 from torch import nn
 
+from .attention_features import attention_features
 from .bundle import BundleConfig, SteeringBundle, describe_base_model
 from .data import behavior_info, load_behavior, split_dataset
 from .protocols import build_item, default_protocol
@@ -28,6 +29,7 @@ def fit_rotation_bundle(
     angle: float = math.pi / 8,
     mode: str = "rotate",
     feature_layer: int | None = None,
+    extraction: str = "caa",
     max_train: int | None = None,
     data_dir: str | None = None,
     progress: bool = True,
@@ -39,6 +41,8 @@ def fit_rotation_bundle(
             `steering_strength` is the angle).
         mode: `rotate` (norm-preserving, Selective Steering), `angular` (Angular Steering) or `add`.
         feature_layer: layer whose class-mean difference is `b1` (default: the most global one).
+        extraction: class means of the read-token activations (`caa`) or of the attention-weighted
+            features of `w2s_hf.attention_features` (`attention`).
 
     Example:
 
@@ -54,7 +58,12 @@ def fit_rotation_bundle(
     train = split_dataset(load_behavior(behavior, data_dir))["train"]
     rows = list(train)[:max_train] if max_train else list(train)
     items = [build_item(example, protocol, tokenizer, info) for example in rows]
-    positive, negative = class_means(model, items, tokenizer.pad_token_id, progress=progress)
+    if extraction == "caa":
+        positive, negative = class_means(model, items, tokenizer.pad_token_id, progress=progress)
+    elif extraction == "attention":
+        positive, negative = attention_features(model, items, tokenizer.pad_token_id, progress=progress).class_means()
+    else:
+        raise ValueError(f"Unknown extraction {extraction!r}; choose 'caa' or 'attention'.")
     differences = positive - negative
     plane, chosen = build_plane(differences, feature_layer)
     mask = discriminative_layer_mask(positive, negative, plane.b1)
@@ -68,6 +77,7 @@ def fit_rotation_bundle(
         method="rotation",
         default_strength=float(angle),
         training={"behavior": behavior, "protocol": protocol, "n_train": len(items), "feature_layer": chosen,
+                  "extraction": extraction,
                   "datasets": ["anthropics/evals"]},
         extra={"rotation_mode": mode},
     )

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Dataset
 from torch import nn
 
+from .attention_features import attention_features, layer_relevance
 from .bundle import BundleConfig, SteeringBundle, describe_base_model
-from .data import behavior_info, load_behavior, split_dataset
+from .data import BehaviorInfo, behavior_info, load_behavior, normalize_columns, split_dataset
 from .encoders import PromptEncoder, encoder_from_spec
 from .labels import active_layers, best_layers, fixed_layer, frequency_smoothed_labels
 from .metrics import summarize
@@ -29,6 +31,7 @@ from .sweep import DEFAULT_MULTIPLIERS, caa_vectors, layer_sweep, pad_batch
 
 logger = logging.getLogger(__name__)
 
+EXTRACTIONS = ("caa", "attention")
 DEFAULT_ENCODER_SPEC = {"type": "sentence-transformers", "name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
@@ -49,6 +52,10 @@ class FitConfig:
             fixed-layer bundle instead (W2S must never make steering worse).
         variants: prompt variants evaluated on the test split (`BASE`, and the OOD `SYS.POS`,
             `SYS.NEG`, `USER.POS`, `USER.NEG`); training always uses `BASE`.
+        extraction: how the steering vectors are extracted: `caa` (class-mean difference at the read
+            token) or `attention` (of attention-weighted features, `w2s_hf.attention_features`).
+        relevance_prune: sweep (and route among) only the top-N layers of
+            `w2s_hf.attention_features.layer_relevance` on train (None: every layer of `layers`).
     """
 
     behavior: str
@@ -67,6 +74,8 @@ class FitConfig:
     variants: tuple[str, ...] = ("BASE",)
     data_dir: str | None = None
     cv_grid: dict | None = None
+    extraction: str = "caa"
+    relevance_prune: int | None = None
 
 
 def build_items(examples, protocol: str, tokenizer, info, variant: str = "BASE", limit: int | None = None) -> list[Item]:
@@ -110,8 +119,16 @@ def fit_bundle(
     encoder: PromptEncoder | None = None,
     progress: bool = True,
     evaluate: bool = True,
+    dataset: Dataset | None = None,
+    column_mapping: dict[str, str] | None = None,
 ) -> tuple[SteeringBundle, dict]:
     """Trains a W2S bundle for one behavior and (optionally) evaluates it on the test split.
+
+    Args:
+        dataset (`datasets.Dataset`, *optional*): your own contrastive A/B data instead of the MWE file
+            named by `config.behavior` (which then only names the run). Split 40/10/50 like MWE; the
+            default protocol is `answer`; only the `BASE` prompt variant applies.
+        column_mapping (`dict`, *optional*): our field → your column, see :func:`w2s_hf.data.normalize_columns`.
 
     Returns:
         `(bundle, report)`; the bundle is also saved to `output_dir`, the report to `report.json`.
@@ -121,19 +138,50 @@ def fit_bundle(
     ```python
     >>> bundle, report = fit_bundle(model, tok, FitConfig("anti-LGBTQ", max_train=100), "runs/anti-LGBTQ")
     >>> report["test"]["BASE"]["w2s_bundle"]["steerability"] >= report["test"]["BASE"]["fixed"]["steerability"]
+    >>> ds = load_dataset("me/tea-preferences", split="train")     # columns: prompt, good, bad, label
+    >>> fit_bundle(model, tok, FitConfig("tea"), "runs/tea", dataset=ds,
+    ...            column_mapping={"question": "prompt", "choice_a": "good", "choice_b": "bad", "positive": "label"})
     ```
     """
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    info = behavior_info(config.behavior, config.data_dir)
+    if dataset is None:
+        info = behavior_info(config.behavior, config.data_dir)
+        examples = load_behavior(config.behavior, config.data_dir)
+    else:
+        if tuple(config.variants) != ("BASE",):
+            raise ValueError(
+                f"Prompt variants {list(config.variants)} need the persona prompts of an MWE behavior; "
+                "evaluate your own dataset with variants=('BASE',)."
+            )
+        info = BehaviorInfo(config.behavior, "custom", "", "")
+        examples = normalize_columns(dataset, column_mapping)
     protocol = config.protocol or default_protocol(info)
-    splits = split_dataset(load_behavior(config.behavior, config.data_dir), seed=config.seed)
+    splits = split_dataset(examples, seed=config.seed)
     train_items = build_items(splits["train"], protocol, tokenizer, info, limit=config.max_train)
     engine = SteeringEngine(model)
     pad_id = tokenizer.pad_token_id
-    vectors = caa_vectors(model, train_items, pad_id, config.batch_size, progress)
+    if config.extraction not in EXTRACTIONS:
+        raise ValueError(f"Unknown extraction {config.extraction!r}; choose one of {list(EXTRACTIONS)}.")
+    if config.relevance_prune is not None and config.relevance_prune < 1:
+        raise ValueError(f"`relevance_prune` must be a positive number of layers, got {config.relevance_prune}.")
+    features = None
+    if config.extraction == "attention" or config.relevance_prune is not None:
+        # read_mix=1: the CAA reads themselves, so relevance scores the directions that are steered.
+        features = attention_features(model, train_items, pad_id, read_mix=1.0 if config.extraction == "caa" else 0.0,
+                                      batch_size=config.batch_size, progress=progress)
+    if config.extraction == "attention":
+        vectors = features.mean_difference()
+    else:
+        vectors = caa_vectors(model, train_items, pad_id, config.batch_size, progress)
+    relevance = None
+    sweep_layers = config.layers
+    if config.relevance_prune is not None:
+        relevance = layer_relevance(model, train_items, pad_id, features=features, layers=config.layers,
+                                    batch_size=config.batch_size, engine=engine, progress=progress)
+        sweep_layers = sorted(relevance.top(config.relevance_prune))
     key = {"behavior": config.behavior, "protocol": protocol, "seed": config.seed}
-    sweep_args = dict(layers=config.layers, multipliers=config.multipliers, batch_size=config.batch_size,
+    sweep_args = dict(layers=sweep_layers, multipliers=config.multipliers, batch_size=config.batch_size,
                       policy=config.position_policy, progress=progress, engine=engine)
     train = layer_sweep(model, train_items, vectors, pad_id, cache_dir=output / "cache" / "train",
                         cache_key={**key, "split": "train"}, **sweep_args)
@@ -180,12 +228,13 @@ def fit_bundle(
         training={
             "behavior": config.behavior,
             "protocol": protocol,
-            "datasets": ["anthropics/evals"],
+            "datasets": ["anthropics/evals"] if dataset is None else [],
             "n_train": len(train_items),
             "multipliers": list(config.multipliers),
             "smoothing_k": best_k,
             "seed": config.seed,
             "router": "w2s" if use_router else "fixed (router lost to the fixed layer in CV)",
+            "extraction": config.extraction,
             "predicted_layer_counts": predicted_counts,
         },
     )
@@ -196,7 +245,8 @@ def fit_bundle(
         "train": {"fixed_layer": int(fixed), "mean_steerability_per_layer": s_train.mean(0).tolist(),
                   "best_layers": np.asarray(layers)[best_layers(s_train)].tolist(),
                   "candidates": {str(k): v for k, v in candidates_by_k.items()},
-                  "cv": {str(k): v for k, v in cv_by_k.items()}, "chosen_k": best_k, "use_router": use_router},
+                  "cv": {str(k): v for k, v in cv_by_k.items()}, "chosen_k": best_k, "use_router": use_router,
+                  "relevance": relevance.to_dict() if relevance is not None else None},
     }
     if evaluate:
         for variant in config.variants:
