@@ -10,7 +10,7 @@ from conftest import HIDDEN, NUM_LAYERS, make_model, make_tokenizer
 
 from w2s_hf import BundleConfig, BundleError, SteeringBundle, W2SSteeringModel
 from w2s_hf.bundle import describe_base_model
-from w2s_hf.export import bundle_from_control_vector, export_control_vector, most_frequent_layer
+from w2s_hf.export import bundle_from_control_vector, export_control_vector, most_frequent_layer, read_control_vector
 from w2s_hf.steering import AdditiveIntervention, SteeringEngine, SteeringRoute
 
 
@@ -42,6 +42,14 @@ def test_most_frequent_layer_prefers_router_statistics():
     routed = caa_bundle(model, counts={"2": 5, "3": 9})
     routed.config.predictor = {"input_dim": 4}
     assert most_frequent_layer(routed) == 3
+
+
+def test_export_without_layer_takes_the_routers_most_frequent_layer(tmp_path):
+    routed = caa_bundle(make_model("llama"), counts={"2": 5, "3": 9})
+    routed.config.predictor = {"input_dim": 4}
+    directions = read_control_vector(export_control_vector(routed, tmp_path / "cv.gguf"))
+    assert list(directions) == [3]
+    torch.testing.assert_close(directions[3], 2.5 * routed.steering_vectors[3])
 
 
 def test_import_steers_like_the_exported_layer(tmp_path):

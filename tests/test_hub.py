@@ -1,0 +1,137 @@
+"""Hub round trips through the real `huggingface_hub` client; only its HTTP transport is an in-memory fake Hub.
+
+`create_repo`, `create_branch`, `upload_folder` (preupload + NDJSON commit), `snapshot_download` (revision
+info, tree listing, HEAD/GET of files, HF cache layout) all run unchanged: see `fake_hub.py`.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+from fake_hub import fake_hub
+from huggingface_hub import ModelCard, constants
+
+from test_modeling import PROMPTS, make_bundle
+from w2s_hf import BundleError, SteeringBundle, W2SSteeringModel
+from w2s_hf.bundle import CONFIG_NAME, WEIGHTS_NAME, resolve_bundle_folder
+
+REPO = "me/tiny-w2s"
+
+
+def write_png(path: Path) -> Path:
+    """A valid 1x1 grey PNG."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00\x80"))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fake Hub behind the real client, and an empty HF cache under tmp_path."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    with fake_hub() as fake:
+        yield fake
+
+
+@pytest.fixture
+def w2s():
+    model = make_model("llama")
+    bundle = make_bundle(model)
+    bundle.config.training = {"behavior": "tea", "datasets": ["me/tea-ab"]}
+    bundle.config.evaluation = {"rows": [{"setting": "fixed", "layer": 2, "steerability": 0.25, "prop_steerable": 0.5},
+                                         {"setting": "w2s_bundle", "steerability": 0.5, "prop_steerable": 0.75}]}
+    return W2SSteeringModel(model, bundle, tokenizer=make_tokenizer())
+
+
+def generate(model: W2SSteeringModel) -> torch.Tensor:
+    batch = model.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    return model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0)
+
+
+def test_push_then_pull_is_bit_exact_in_one_commit_with_our_card(hub, w2s, tmp_path):
+    plot = write_png(tmp_path / "steerability_per_layer.png")
+    info = w2s.push_to_hub(REPO, token="hf_test_token", private=True, plots=[plot])
+
+    repo = hub.repos[REPO]
+    assert repo.private
+    assert info.oid == repo.refs["main"]
+    assert hub.commit_messages(REPO) == ["Upload w2s-hf steering bundle (caa)", "initial commit"], "one commit"
+    files = hub.files(REPO)
+    assert set(files) == {".gitattributes", "README.md", CONFIG_NAME, WEIGHTS_NAME, plot.name}, "no base weights"
+    assert files[plot.name] == plot.read_bytes()
+    writes = [r for r in hub.requests if r.method == "POST"]
+    assert writes and all(r.headers["authorization"] == "Bearer hf_test_token" for r in writes)
+
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "w2s-hf"
+    assert card.data.base_model == "tiny-llama"
+    assert card.data.pipeline_tag == "text-generation"
+    assert {"w2s-hf", "steering-caa", "where-to-steer"} <= set(card.data.tags)
+    assert card.data.datasets == ["me/tea-ab"]
+    assert f'from_pretrained("{REPO}")' in card.text
+    assert "| w2s_bundle | routed | 0.500 | 0.750 |" in card.text
+    assert f"![steerability per layer]({plot.name})" in card.text
+
+    loaded = W2SSteeringModel.from_pretrained(REPO, base_model=w2s.base_model, tokenizer=w2s.tokenizer)
+    assert loaded.bundle.config.to_dict() == w2s.bundle.config.to_dict()
+    assert set(loaded.bundle.tensors) == set(w2s.bundle.tensors)
+    for name, tensor in w2s.bundle.tensors.items():
+        assert torch.equal(loaded.bundle.tensors[name], tensor), name
+    assert torch.equal(generate(loaded), generate(w2s))
+    folder = resolve_bundle_folder(REPO)
+    cache = Path(constants.HF_HUB_CACHE) / "models--me--tiny-w2s" / "snapshots" / info.oid
+    assert folder == cache and (folder / plot.name).read_bytes() == plot.read_bytes()
+
+
+def test_revisions_pull_requests_and_the_cache_are_honoured(hub, w2s, tmp_path):
+    first = w2s.push_to_hub(REPO, plots=[write_png(tmp_path / "old_plot.png")])
+    v1 = w2s.bundle.steering_vectors.clone()
+    main_files = dict(hub.files(REPO))
+
+    v2_bundle = make_bundle(w2s.base_model, seed=1)
+    v2_bundle.push_to_hub(REPO, revision="v2", commit_message="v2 vectors")
+    assert hub.files(REPO) == main_files, "pushing a branch leaves main alone"
+    assert hub.commit_messages(REPO, "v2")[0] == "v2 vectors"
+    assert "old_plot.png" not in hub.files(REPO, "v2"), "stale plots are deleted with the commit that drops them"
+    assert "## Plots" not in hub.files(REPO, "v2")["README.md"].decode()
+
+    pr_bundle = make_bundle(w2s.base_model, seed=2)
+    pr = pr_bundle.push_to_hub(REPO, create_pr=True)
+    assert pr.pr_url is not None and hub.files(REPO) == main_files
+
+    def vectors(**kwargs) -> torch.Tensor:
+        return SteeringBundle.load(REPO, **kwargs).steering_vectors
+
+    assert torch.equal(vectors(), v1)
+    assert torch.equal(vectors(revision="v2"), v2_bundle.steering_vectors)
+    assert torch.equal(vectors(revision="refs/pr/1"), pr_bundle.steering_vectors)
+    assert torch.equal(vectors(revision=first.oid), v1)
+    other_cache = tmp_path / "other-cache"
+    assert torch.equal(vectors(revision="v2", cache_dir=str(other_cache)), v2_bundle.steering_vectors)
+    assert (other_cache / "models--me--tiny-w2s" / "refs" / "v2").is_file()
+
+    hub.online = False  # the network goes down: cached revisions still load, unknown repos fail cleanly
+    assert torch.equal(vectors(revision="v2"), v2_bundle.steering_vectors)
+    with pytest.raises(BundleError, match="Could not find a w2s-hf bundle"):
+        vectors(revision="never-downloaded")
+    hub.online = True
+    with pytest.raises(BundleError, match="Could not find a w2s-hf bundle"):
+        SteeringBundle.load("me/no-such-bundle")
+
+
+def test_bad_push_arguments_fail_before_any_request(hub, w2s, tmp_path):
+    with pytest.raises(ValueError, match="pull request against the default branch"):
+        w2s.push_to_hub(REPO, revision="v2", create_pr=True)
+    with pytest.raises(ValueError, match="not an existing .png"):
+        w2s.push_to_hub(REPO, plots=[tmp_path / "missing.png"])
+    assert hub.requests == []

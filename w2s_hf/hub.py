@@ -1,0 +1,128 @@
+"""Publishing steering bundles on the Hugging Face Hub.
+
+A push writes the bundle folder (`w2s_config.json`, `w2s_bundle.safetensors`, optional PNG plots and
+the `README.md` model card rendered from `hub_cards/`) into a temporary folder and uploads it with
+`huggingface_hub` in one `upload_folder` call. The card is always ours: transformers'
+`PushToHubMixin` is not involved, so no generic card ever replaces it. Loading goes the other way
+through `snapshot_download` (see :func:`w2s_hf.bundle.resolve_bundle_folder`), honouring `revision`
+and the HF cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .bundle import SteeringBundle
+from .card import write_model_card
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+
+DEFAULT_BRANCH = "main"
+
+
+def _checked_plots(plots: Sequence[str | os.PathLike]) -> list[Path]:
+    sources = [Path(plot) for plot in plots]
+    for source in sources:
+        if source.suffix.lower() != ".png" or not source.is_file():
+            raise ValueError(f"Plot {source} is not an existing .png file; the model card embeds PNG plots only.")
+    return sources
+
+
+def save_bundle_folder(
+    bundle: SteeringBundle,
+    save_directory: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    plots: Sequence[str | os.PathLike] = (),
+) -> Path:
+    """Writes a bundle folder: the bundle files, copies of `plots`, and the model card embedding every PNG there.
+
+    Args:
+        bundle: the bundle to write.
+        save_directory: the folder (created if missing).
+        repo_id (*optional*): Hub id shown in the card's usage snippet.
+        plots (*optional*): PNG files (e.g. from `w2s-hf eval` reports) copied beside the card.
+
+    Example:
+
+    ```python
+    >>> save_bundle_folder(bundle, "my-bundle", plots=["reports/mwe/steerability_per_layer.png"])
+    PosixPath('my-bundle')
+    ```
+    """
+    directory = Path(save_directory)
+    sources = _checked_plots(plots)
+    bundle.save(directory)
+    for source in sources:
+        target = directory / source.name
+        if not target.exists() or not os.path.samefile(source, target):
+            shutil.copyfile(source, target)
+    write_model_card(bundle, directory, repo_id=repo_id)
+    return directory
+
+
+def push_bundle_to_hub(
+    bundle: SteeringBundle,
+    repo_id: str,
+    *,
+    token: str | bool | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    plots: Sequence[str | os.PathLike] = (),
+) -> CommitInfo:
+    """Uploads a bundle, its model card and plots to a Hub model repo in one commit.
+
+    The repo is created if needed (`create_repo(exist_ok=True)`); a `revision` branch that does not
+    exist yet is created from the default branch. PNG files already on the target branch that the new
+    bundle does not carry are deleted in the same commit, so the card and the files always agree.
+
+    Args:
+        bundle: the bundle to upload.
+        repo_id: `"user/name"` (or `"name"` for your own namespace).
+        token (*optional*): Hub token (default: the saved login / `HF_TOKEN`).
+        private (*optional*): visibility of a newly created repo (default: the Hub's default).
+        revision (*optional*): branch to commit to (default: `main`).
+        commit_message (*optional*): commit title.
+        create_pr (`bool`): open a pull request against the default branch instead of committing to it.
+        plots (*optional*): PNG files embedded in the card.
+
+    Returns:
+        `huggingface_hub.CommitInfo` (`.oid` is the commit, `.pr_url` the pull request if any).
+
+    Example:
+
+    ```python
+    >>> info = push_bundle_to_hub(bundle, "me/anti-lgbtq-w2s", revision="v2")
+    >>> W2SSteeringModel.from_pretrained("me/anti-lgbtq-w2s", revision="v2")
+    ```
+    """
+    from huggingface_hub import HfApi
+
+    if create_pr and revision not in (None, DEFAULT_BRANCH):
+        raise ValueError(
+            f"create_pr=True opens a pull request against the default branch; drop revision={revision!r} "
+            "or push to that branch without create_pr."
+        )
+    _checked_plots(plots)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision not in (None, DEFAULT_BRANCH):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="w2s-push-") as folder:
+        save_bundle_folder(bundle, folder, repo_id=repo_id, plots=plots)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=commit_message or f"Upload w2s-hf steering bundle ({bundle.config.method})",
+            create_pr=create_pr,
+            delete_patterns=["*.png"],
+        )
