@@ -15,6 +15,7 @@ All embeddings are L2-normalised, as in the W2S paper.
 from __future__ import annotations
 
 import json
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -181,8 +182,11 @@ class InternalEncoder(PromptEncoder):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         captured: list[torch.Tensor] = []
+        owner = threading.get_ident()
 
         def stop(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+            if threading.get_ident() != owner:  # another thread's forward pass (e.g. a concurrent generate)
+                return
             captured.append(block_output(output))
             raise _StopForward
 

@@ -97,6 +97,14 @@ def hidden_size_of(model: nn.Module) -> int:
     raise ValueError(f"Cannot read the hidden size from {type(config).__name__}.")
 
 
+def context_length_of(model: nn.Module) -> int | None:
+    """Returns the longest input a causal LM reads (`max_position_embeddings`), or None if its config has none."""
+    config = unwrap_base_model(model).config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def block_output(output: torch.Tensor | tuple) -> torch.Tensor:
     """Returns the hidden state of a decoder block's output (a tensor, or a tuple whose first item is it)."""
     return output[0] if isinstance(output, tuple) else output

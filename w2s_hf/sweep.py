@@ -143,6 +143,8 @@ def score_propensities(
 ) -> np.ndarray:
     """Propensity of each `(item index, layer or None, multiplier)` request, steering each row alone.
 
+    A request's layer may be a tuple of layers, all steered (e.g. the discriminative layers of Selective Steering).
+
     Args:
         row_vectors (`torch.Tensor` `[len(requests), hidden]`, *optional*): per-request vectors
             (input-dependent steering) instead of the intervention's per-layer vectors.
