@@ -198,3 +198,13 @@ def test_route_validation():
         SteeringRoute.from_layers([1], float("nan"), NUM_LAYERS)
     with pytest.raises(ValueError, match="NaN"):
         AdditiveIntervention(torch.full((NUM_LAYERS, HIDDEN), float("inf")))
+
+
+def test_route_rows_may_name_several_layers():
+    route = SteeringRoute.from_layers([(0, 2), None, 3, [1]], strengths=[1.0, 2.0, 3.0, 4.0], num_layers=NUM_LAYERS)
+    assert route.layer_mask.tolist() == [
+        [True, False, True, False], [False] * 4, [False, False, False, True], [False, True, False, False]
+    ]
+    with pytest.raises(ValueError, match="out of range"):
+        SteeringRoute.from_layers([(0, NUM_LAYERS)], 1.0, NUM_LAYERS)
+

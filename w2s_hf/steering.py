@@ -106,7 +106,15 @@ class SteeringRoute:
         prompt_lengths: torch.Tensor | None = None,
         row_vectors: torch.Tensor | None = None,
     ) -> SteeringRoute:
-        """Builds a route with one layer per row (`None` or `-1`: row not steered)."""
+        """Builds a route with one layer per row (`None` or `-1`: row not steered; a tuple: several layers)."""
+        if not isinstance(layers, torch.Tensor) and any(isinstance(layer, (tuple, list)) for layer in layers):
+            mask = torch.zeros(len(layers), num_layers, dtype=torch.bool)
+            for row, layer in enumerate(layers):
+                for index in (layer if isinstance(layer, (tuple, list)) else [] if layer is None else [layer]):
+                    if not 0 <= int(index) < num_layers:
+                        raise ValueError(f"Layer {index} is out of range for a model with {num_layers} layers.")
+                    mask[row, int(index)] = True
+            return cls(mask, _as_strengths(strengths, len(layers)), prompt_lengths, row_vectors)
         ids = torch.as_tensor(
             [(-1 if layer is None else int(layer)) for layer in layers]
             if not isinstance(layers, torch.Tensor)
