@@ -153,3 +153,40 @@ def test_attribute_forwarding_and_bad_calls(w2s):
     with pytest.raises(ValueError, match="no real token"):
         w2s.generate(input_ids=batch["input_ids"], attention_mask=torch.zeros_like(batch["attention_mask"]))
     assert not w2s.engine.has_hooks
+
+
+def count_forwards(model) -> tuple[dict, object]:
+    calls = {"n": 0}
+
+    def hook(module, args, kwargs):
+        calls["n"] += 1
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_beams": 2, "num_return_sequences": 2}])
+def test_internal_encoder_routes_inside_the_prompt_pass_without_an_extra_forward(family, extra):
+    model, tokenizer = make_model(family), make_tokenizer()
+    w2s = W2SSteeringModel(model, make_bundle(model), tokenizer=tokenizer)  # internal layer 0, candidates 1..3
+    batch = encode(tokenizer)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, **extra)
+    layers = w2s.predict_layers(batch["input_ids"], batch["attention_mask"])  # the separate-pass router
+    calls, handle = count_forwards(model)
+    routed = w2s.generate(**batch, **kwargs)
+    handle.remove()
+    assert calls["n"] == 5, "one forward per generated token: routing must not add a pass"
+    route = SteeringRoute.from_layers(layers, 6.0, NUM_LAYERS, prompt_lengths=batch["attention_mask"].sum(-1))
+    with SteeringEngine(model).steer(AdditiveIntervention(w2s.bundle.steering_vectors), route, policy="all"):
+        oracle = model.generate(**batch, **kwargs)
+    assert torch.equal(routed, oracle)
+
+
+def test_router_reading_at_or_above_a_candidate_layer_uses_a_separate_pass():
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    bundle = make_bundle(model)
+    bundle.config.encoder = {"type": "internal", "layer": 1}  # candidate layer 1 is not above the encoder
+    w2s = W2SSteeringModel(model, bundle, tokenizer=tokenizer)
+    calls, handle = count_forwards(model)
+    w2s.generate(**encode(tokenizer), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    handle.remove()
+    assert calls["n"] == 3 + 1

@@ -200,8 +200,16 @@ class InternalEncoder(PromptEncoder):
             pass
         finally:
             handle.remove()
-        pooled = masked_mean(captured[0].float(), attention_mask.to(captured[0].device))
-        return F.normalize(pooled, dim=-1).cpu()
+        return self.pool(captured[0], attention_mask).cpu()
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The embeddings of prompts from block `layer`'s output `[B, T, H]`: mean over real tokens, L2-normalised.
+
+        Also used inside `generate`'s own prompt pass (`W2SSteeringModel` routes there with no extra forward).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
+        return F.normalize(masked_mean(hidden.float(), attention_mask.to(hidden.device)), dim=-1)
 
     def encode_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         if not texts:

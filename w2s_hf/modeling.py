@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from .bundle import BundleError, SteeringBundle
-from .encoders import PromptEncoder, encoder_from_spec
+from .encoders import InternalEncoder, PromptEncoder, encoder_from_spec
 from .layers import context_length_of
 from .predictor import LayerPredictor
 from .steering import (
     AdditiveIntervention,
+    InPassRouter,
     Intervention,
     SteeringEngine,
     SteeringRoute,
@@ -278,7 +279,9 @@ class W2SSteeringModel(nn.Module):
         """The layer each prompt is steered at: `LongTensor[batch]` (the fixed layer without a router)."""
         if self.predictor is None or self.encoder is None:
             return torch.full((input_ids.shape[0],), self.default_layers[0], dtype=torch.long)
-        embeddings = embed_prompts(self.encoder, self.tokenizer, input_ids, attention_mask)
+        return self._predict_from_embeddings(embed_prompts(self.encoder, self.tokenizer, input_ids, attention_mask))
+
+    def _predict_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         if embeddings.shape[-1] != self.predictor.input_dim:
             raise BundleError(
                 f"The prompt encoder {self.encoder!r} gives {embeddings.shape[-1]}-d embeddings but the bundle's "
@@ -295,7 +298,8 @@ class W2SSteeringModel(nn.Module):
         strength: float | Sequence[float] | None,
         layer: int | Sequence[int] | None,
         prompt_lengths: torch.Tensor | None = None,
-    ) -> SteeringRoute:
+    ) -> tuple[SteeringRoute, InPassRouter | None]:
+        """This call's route, and the router that fills in its layers during the prompt pass (or `None`)."""
         override = self._current_override()
         strength = strength if strength is not None else override.strength
         strength = self.bundle.config.default_strength if strength is None else strength
@@ -323,20 +327,34 @@ class W2SSteeringModel(nn.Module):
         layers = layer if layer is not None else override.layers
         if layers is not None:
             layer_list = [layers] * batch if isinstance(layers, int) else list(layers)
-            return SteeringRoute.from_layers(layer_list, strength, self.num_layers, prompt_lengths)
+            return SteeringRoute.from_layers(layer_list, strength, self.num_layers, prompt_lengths), None
         if self.predictor is None:
-            return SteeringRoute.uniform(batch, self.default_layers, strength, self.num_layers, prompt_lengths)
+            return SteeringRoute.uniform(batch, self.default_layers, strength, self.num_layers, prompt_lengths), None
         routed_ids, routed_mask = _prompt_part(input_ids, attention_mask, prompt_lengths)
+        router = self._in_pass_router() if routed_mask is attention_mask else None
+        if router is not None:  # layers chosen inside the prompt's own forward pass
+            return SteeringRoute.from_layers([None] * batch, strength, self.num_layers, prompt_lengths), router
         return SteeringRoute.from_layers(
             self.predict_layers(routed_ids, routed_mask), strength, self.num_layers, prompt_lengths
-        )
+        ), None
+
+    def _in_pass_router(self) -> InPassRouter | None:
+        """Routing inside the steered forward pass itself, with no extra forward, when the encoder is this
+        model's own early block and every candidate layer lies above it; `None` otherwise."""
+        encoder = self.encoder
+        if not isinstance(encoder, InternalEncoder) or encoder._block is not self.engine.layers[encoder.layer]:
+            return None
+        if int(self.predictor.candidate_layers.min()) <= encoder.layer:
+            return None
+        return InPassRouter(encoder.layer, lambda hidden, mask: self._predict_from_embeddings(encoder.pool(hidden, mask)))
 
     @contextmanager
-    def _steered(self, route: SteeringRoute | None, policy: str | None) -> Iterator[None]:
-        if route is None:
+    def _steered(self, routing: tuple[SteeringRoute, InPassRouter | None] | None, policy: str | None) -> Iterator[None]:
+        if routing is None:
             yield
             return
-        with self.engine.steer(self.intervention, route, policy or self.bundle.config.position_policy):
+        route, router = routing
+        with self.engine.steer(self.intervention, route, policy or self.bundle.config.position_policy, router):
             yield
 
     def _current_override(self) -> _Override:
@@ -368,10 +386,10 @@ class W2SSteeringModel(nn.Module):
         if steering_policy is not None:
             check_position_policy(steering_policy)
         input_ids = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
-        route = None
+        routing = None
         if self._enabled():
-            route = self._route(input_ids, kwargs.get("attention_mask"), steering_strength, steering_layer)
-        with self._steered(route, steering_policy):
+            routing = self._route(input_ids, kwargs.get("attention_mask"), steering_strength, steering_layer)
+        with self._steered(routing, steering_policy):
             return self.base_model.generate(*args, **kwargs)
 
     def forward(
@@ -393,12 +411,12 @@ class W2SSteeringModel(nn.Module):
         if steering_policy is not None:
             check_position_policy(steering_policy)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        route = None
+        routing = None
         if self._enabled():
-            route = self._route(
+            routing = self._route(
                 input_ids, kwargs.get("attention_mask"), steering_strength, steering_layer, steering_prompt_lengths
             )
-        with self._steered(route, steering_policy):
+        with self._steered(routing, steering_policy):
             return self.base_model(*args, **kwargs)
 
     @contextmanager

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -234,6 +234,20 @@ class AdditiveIntervention:
         return hidden + delta.to(hidden.dtype)[:, None, :]
 
 
+@dataclass(frozen=True)
+class InPassRouter:
+    """Routes prompts from the model's own block output inside the steered forward pass itself.
+
+    The engine calls `predict(block_output [B, T, H], attention_mask [B, T] or None)` once, on the
+    first forward pass (the prompt), from the hook of block `layer`, and steers each row at the layer
+    id it returns from there on, with no extra forward pass. Every layer it can return must be above
+    `layer` (blocks up to `layer` have already run when it decides).
+    """
+
+    layer: int
+    predict: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
 @dataclass
 class _ActiveSteering:
     route: SteeringRoute
@@ -241,6 +255,19 @@ class _ActiveSteering:
     intervention: Intervention
     positions: torch.Tensor | None = None  # [B', T] bool: positions steered in the current forward call
     expanded: dict[tuple[int, torch.device], SteeringRoute] | None = None
+    router: InPassRouter | None = None  # resolves the route's layers inside the first forward pass
+    attention_mask: torch.Tensor | None = None  # 2-D mask of the current forward call, for the router
+
+    def resolve(self, hidden: torch.Tensor) -> None:
+        """Replaces the route's layers by the router's choice for the prompts in `hidden` (block output)."""
+        rows = self.route.batch_size
+        repeat = hidden.shape[0] // rows  # generate repeats each prompt (beams, num_return_sequences) in place
+        mask = None if self.attention_mask is None else self.attention_mask[::repeat]
+        layers = self.router.predict(hidden[::repeat], mask).cpu()
+        route = self.route
+        self.route = SteeringRoute.from_layers(layers, route.strengths, route.num_layers, route.prompt_lengths,
+                                               route.row_vectors)
+        self.router, self.expanded = None, None
 
     def route_for(self, batch: int, device: torch.device) -> SteeringRoute:
         if batch % self.route.batch_size != 0:
@@ -330,8 +357,14 @@ class SteeringEngine:
         return bool(self._handles)
 
     @contextmanager
-    def steer(self, intervention: Intervention, route: SteeringRoute, policy: str = "all") -> Iterator[None]:
-        """Context manager: steer every forward pass of this thread with `route`."""
+    def steer(
+        self, intervention: Intervention, route: SteeringRoute, policy: str = "all", router: InPassRouter | None = None
+    ) -> Iterator[None]:
+        """Context manager: steer every forward pass of this thread with `route`.
+
+        With `router`, the route's layers are chosen by the router inside the first forward pass (its
+        strengths, prompt lengths and row vectors are kept); see `InPassRouter`.
+        """
         check_position_policy(policy)
         if route.num_layers != self.num_layers:
             raise ValueError(f"Route covers {route.num_layers} layers but the model has {self.num_layers}.")
@@ -340,7 +373,7 @@ class SteeringEngine:
                 f"The intervention has {intervention.num_layers} layers but the model has {self.num_layers}."
             )
         previous = getattr(self._local, "active", None)
-        self._local.active = _ActiveSteering(route, policy, intervention)
+        self._local.active = _ActiveSteering(route, policy, intervention, router=router)
         self._acquire()
         try:
             yield
@@ -387,6 +420,7 @@ class SteeringEngine:
             return
         batch, seq_len = reference.shape[0], reference.shape[1]
         attention_mask = bound.get("attention_mask")
+        active.attention_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         positions, valid = real_positions(
             batch, seq_len, reference.device, attention_mask, _past_length(bound.get("past_key_values"))
         )
@@ -409,6 +443,8 @@ class SteeringEngine:
     def _make_layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple | None:
             active: _ActiveSteering | None = getattr(self._local, "active", None)
+            if active is not None and active.router is not None and active.router.layer == index:
+                active.resolve(block_output(output))
             if active is None or not bool(active.route.layer_mask[:, index].any()):
                 return None
             hidden = block_output(output)
@@ -427,6 +463,7 @@ class SteeringEngine:
 __all__ = [
     "POSITION_POLICIES",
     "AdditiveIntervention",
+    "InPassRouter",
     "Intervention",
     "SteeringEngine",
     "SteeringRoute",
