@@ -77,7 +77,8 @@ def resolve_encoder_path(name_or_path: str) -> str:
     return str(packaged) if packaged is not None else name_or_path
 
 
-def _converted_folder(model_id: str, gguf_file: str) -> Path:
+def converted_folder(model_id: str, gguf_file: str) -> Path:
+    """Where the safetensors copy of a packaged GGUF model lives (a plain HF model folder once converted)."""
     return cache_dir() / "converted" / model_id.replace("/", "--") / Path(gguf_file).stem
 
 
@@ -137,7 +138,7 @@ def load_base_model(
     packaged = packaged_base_model(name_or_path) if gguf_file in (None, DEFAULT_BASE_GGUF) else None
     if packaged is not None:
         folder, packaged_gguf = packaged
-        converted = _converted_folder(name_or_path, packaged_gguf)
+        converted = converted_folder(name_or_path, packaged_gguf)
         if not (converted / "model.safetensors").is_file():
             _convert_gguf(folder, packaged_gguf, converted)
         model = AutoModelForCausalLM.from_pretrained(
@@ -168,7 +169,7 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, gguf_file:
 
     packaged = packaged_base_model(name_or_path) if gguf_file in (None, DEFAULT_BASE_GGUF) else None
     if packaged is not None:
-        converted = _converted_folder(name_or_path, packaged[1])
+        converted = converted_folder(name_or_path, packaged[1])
         if (converted / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(converted)
         else:
