@@ -106,3 +106,15 @@ def test_trained_bundle_generates_steered_text(smollm2, trained):
         plain = w2s.generate(**batch, max_new_tokens=12, do_sample=False)
     assert not torch.equal(steered, plain)
     assert (output / "README.md").read_text().startswith("---\n")
+
+
+def test_converted_folder_loads_as_a_plain_hf_encoder_with_the_real_embeddings(smollm2):
+    from transformers import AutoModel
+
+    from w2s_hf.defaults import converted_folder
+
+    model, _ = smollm2
+    folder = converted_folder(DEFAULT_BASE_MODEL, packaged_base_model(DEFAULT_BASE_MODEL)[1])
+    base = AutoModel.from_pretrained(folder)  # e.g. the `hf-mean` encoder: no LM head to tie from
+    assert torch.equal(base.embed_tokens.weight, model.get_input_embeddings().weight)
+    assert torch.equal(base.layers[3].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight)

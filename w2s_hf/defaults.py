@@ -77,14 +77,19 @@ def resolve_encoder_path(name_or_path: str) -> str:
     return str(packaged) if packaged is not None else name_or_path
 
 
+CONVERSION_VERSION = "v2"
+"""Bumped when the conversion changes, so stale converted folders are rebuilt (v2: tied embeddings stored
+as `model.embed_tokens.weight`)."""
+
+
 def converted_folder(model_id: str, gguf_file: str) -> Path:
     """Where the safetensors copy of a packaged GGUF model lives (a plain HF model folder once converted)."""
-    return cache_dir() / "converted" / model_id.replace("/", "--") / Path(gguf_file).stem
+    return cache_dir() / "converted" / model_id.replace("/", "--") / f"{Path(gguf_file).stem}.{CONVERSION_VERSION}"
 
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     """Dequantizes a GGUF once and stores it as a plain transformers folder (atomically)."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.warning("Converting %s to safetensors once (about 30 s); cached in %s", gguf_file, target)
@@ -97,7 +102,12 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         config.pop("quantization_config", None)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         model.generation_config.save_pretrained(staging)
-        save_model(model, str(staging / "model.safetensors"))
+        # Under its canonical name: safetensors' own dedup of tied weights may keep `lm_head.weight` only,
+        # and a base-model class (`AutoModel`, e.g. as an `hf-mean` encoder) then gets random embeddings.
+        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)
