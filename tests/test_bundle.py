@@ -133,3 +133,16 @@ def test_bundle_id_must_match(tmp_path):
     save_file({"steering_vectors": bundle.steering_vectors}, str(tmp_path / WEIGHTS_NAME), metadata={"bundle_id": "x"})
     with pytest.raises(BundleError, match="different saves"):
         SteeringBundle.load(tmp_path)
+
+
+
+def test_saved_files_get_the_usual_file_mode(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        fixed_bundle().save(tmp_path)
+    finally:
+        os.umask(umask)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

@@ -6,7 +6,8 @@ A bundle is two files (plus an optional model card and plots):
   encoder spec, predictor hyper-parameters, default strength and position policy, format version).
 * ``w2s_bundle.safetensors``: ``steering_vectors`` `[num_layers, hidden]` (float32), the layer
   predictor weights under ``predictor.*``, an optional bool ``layer_mask`` `[num_layers]` (layers
-  steered together when there is no router), and method-specific tensors (e.g. ``rotation.*``).
+  steered together when there is no router), and method-specific tensors (``rotation.*``, or the
+  L2S networks ``l2s.<layer>.<param>``).
 
 Loading reads only JSON and safetensors: nothing is unpickled and no code from a bundle runs. Both
 files carry the same random ``bundle_id``; a pair that does not match (an interrupted save) is
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "w2s_config.json"
 WEIGHTS_NAME = "w2s_bundle.safetensors"
 FORMAT_VERSION = 1
-METHODS = ("caa", "rotation")
+METHODS = ("caa", "rotation", "l2s")
+L2S_KEYS = ("context_layer", "hidden", "layers")
 
 
 class BundleError(ValueError):
@@ -52,7 +54,8 @@ class BundleConfig:
     Args:
         base_model (`dict`): `name_or_path`, `revision`, `gguf_file`, `model_type`, `hidden_size`,
             `num_layers` of the model the bundle was trained on.
-        method (`str`): `"caa"` (additive vectors) or `"rotation"` (norm-preserving rotation).
+        method (`str`): `"caa"` (additive vectors), `"rotation"` (norm-preserving rotation) or `"l2s"`
+            (additive input-dependent vectors from the L2S networks, see `w2s_hf.l2s`).
         encoder (`dict`, *optional*): prompt-encoder spec (see `w2s_hf.encoders`); None for a
             fixed-layer bundle without a predictor.
         predictor (`dict`, *optional*): layer-predictor hyper-parameters.
@@ -62,6 +65,9 @@ class BundleConfig:
         position_policy (`str`): `"all"` or `"generated"`.
         training (`dict`): provenance (behavior, protocol, data, seed, ...).
         evaluation (`dict`): evaluation results rendered in the model card.
+        l2s (`dict`, *optional*): for `method="l2s"` only: `context_layer` (block read at the last prompt
+            token), `hidden` (width of the networks), `layers` (steering layers with a network; they must
+            include the fixed layer and every layer the router can pick).
     """
 
     base_model: dict
@@ -77,6 +83,7 @@ class BundleConfig:
     training: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    l2s: dict | None = None
 
     @property
     def num_layers(self) -> int:
@@ -119,6 +126,7 @@ class BundleConfig:
                 f"fixed_layer {self.fixed_layer!r} is out of range for {self.num_layers} layers; "
                 "the bundle is for another model or corrupt, re-train or re-save it."
             )
+        self._validate_l2s()
         if self.predictor is not None and self.encoder is None:
             raise BundleError("Bundle has a layer predictor but no encoder spec to route with; re-train or re-save it.")
         if self.encoder is not None and (not isinstance(self.encoder, dict) or self.encoder.get("type") not in ENCODER_TYPES):
@@ -127,8 +135,40 @@ class BundleConfig:
                 f"{list(ENCODER_TYPES)} (upgrade w2s-hf if the bundle is newer)."
             )
 
+    def _validate_l2s(self) -> None:
+        if (self.method == "l2s") != (self.l2s is not None):
+            raise BundleError(
+                "An `l2s` bundle needs its `l2s` config and only an `l2s` bundle has one (method "
+                f"{self.method!r}, l2s {self.l2s!r}); re-train or re-save the bundle."
+            )
+        if self.l2s is None:
+            return
+        if not isinstance(self.l2s, dict) or set(self.l2s) != set(L2S_KEYS):
+            raise BundleError(
+                f"The bundle's l2s config {self.l2s!r} must have exactly the keys {list(L2S_KEYS)} "
+                "(upgrade w2s-hf if the bundle is newer)."
+            )
+        layers, context, hidden = self.l2s["layers"], self.l2s["context_layer"], self.l2s["hidden"]
+
+        def is_index(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < self.num_layers
+
+        if not isinstance(layers, list) or not layers or not all(map(is_index, layers)) or len(set(layers)) != len(layers):
+            raise BundleError(f"l2s.layers {layers!r} must be distinct layer ids in [0, {self.num_layers}); re-save the bundle.")
+        if not is_index(context):
+            raise BundleError(f"l2s.context_layer {context!r} is out of range for {self.num_layers} layers; re-save the bundle.")
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+            raise BundleError(f"l2s.hidden must be a positive integer, got {hidden!r}; re-save the bundle.")
+        if self.fixed_layer is not None and self.fixed_layer not in layers:
+            raise BundleError(
+                f"The fixed layer {self.fixed_layer} has no L2S network (networks: {layers}); re-train the bundle."
+            )
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["l2s"] is None:  # written only for l2s bundles: older w2s-hf read the others without a warning
+            del data["l2s"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> BundleConfig:
@@ -217,6 +257,27 @@ class SteeringBundle:
                 f"Predictor candidate layers {candidates.tolist()} are out of range for "
                 f"{self.config.num_layers} layers; the bundle is for another model or corrupt, re-train it."
             )
+        self._check_l2s_tensors(candidates, mask)
+
+    def _check_l2s_tensors(self, candidates: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+        names = {name.split(".")[1] for name in self.tensors if name.startswith("l2s.")}
+        l2s = self.config.l2s
+        if l2s is None:
+            if names:
+                raise BundleError(f"Bundle has L2S tensors but method {self.config.method!r}; re-save it as an l2s bundle.")
+            return
+        if names != {str(layer) for layer in l2s["layers"]}:
+            raise BundleError(
+                f"The L2S tensors cover layers {sorted(names, key=int)} but the config lists {l2s['layers']}; "
+                "the bundle is inconsistent, re-train or re-save it."
+            )
+        if mask is not None:
+            raise BundleError("An l2s bundle steers one layer per row and cannot have a `layer_mask`; re-save it.")
+        if candidates is not None and not set(candidates.tolist()) <= set(l2s["layers"]):
+            raise BundleError(
+                f"The router can pick layers {sorted(set(candidates.tolist()) - set(l2s['layers']))} that have no "
+                f"L2S network (networks: {l2s['layers']}); re-train the bundle."
+            )
 
     @property
     def steering_vectors(self) -> torch.Tensor:
@@ -224,6 +285,11 @@ class SteeringBundle:
 
     def predictor_state_dict(self) -> dict[str, torch.Tensor]:
         prefix = "predictor."
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def l2s_state_dict(self) -> dict[str, torch.Tensor]:
+        """The L2S networks' tensors, `<layer>.<param>` (empty for other methods)."""
+        prefix = "l2s."
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def check_compatible(self, model: nn.Module) -> None:
@@ -370,6 +436,9 @@ def resolve_bundle_folder(
 def _temp_path(directory: Path, name: str) -> Path:
     handle, path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # mkstemp makes 0600; a saved bundle gets the usual file mode
     return Path(path)
 
 
