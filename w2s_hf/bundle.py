@@ -154,9 +154,13 @@ class BundleConfig:
             return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < self.num_layers
 
         if not isinstance(layers, list) or not layers or not all(map(is_index, layers)) or len(set(layers)) != len(layers):
-            raise BundleError(f"l2s.layers {layers!r} must be distinct layer ids in [0, {self.num_layers}); re-save the bundle.")
+            raise BundleError(
+                f"l2s.layers {layers!r} must be distinct layer ids in [0, {self.num_layers}); re-save the bundle."
+            )
         if not is_index(context):
-            raise BundleError(f"l2s.context_layer {context!r} is out of range for {self.num_layers} layers; re-save the bundle.")
+            raise BundleError(
+                f"l2s.context_layer {context!r} is out of range for {self.num_layers} layers; re-save the bundle."
+            )
         if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
             raise BundleError(f"l2s.hidden must be a positive integer, got {hidden!r}; re-save the bundle.")
         if self.fixed_layer is not None and self.fixed_layer not in layers:
@@ -333,8 +337,9 @@ class SteeringBundle:
         try:
             save_file(tensors, str(weights_tmp), metadata={"bundle_id": self.config.bundle_id, "format": "pt"})
             config_tmp.write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
-            _fsync(weights_tmp)
-            _fsync(config_tmp)
+            for tmp in (weights_tmp, config_tmp):
+                _publish_mode(tmp)
+                _fsync(tmp)
             # Weights first: until the config is replaced too, the ids differ and loading refuses.
             os.replace(weights_tmp, directory / WEIGHTS_NAME)
             os.replace(config_tmp, directory / CONFIG_NAME)
@@ -436,10 +441,14 @@ def resolve_bundle_folder(
 def _temp_path(directory: Path, name: str) -> Path:
     handle, path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     os.close(handle)
+    return Path(path)
+
+
+def _publish_mode(path: Path) -> None:
+    """The mode a plain `open()` would give (mkstemp and safetensors write owner-only files)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # mkstemp makes 0600; a saved bundle gets the usual file mode
-    return Path(path)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _fsync(path: Path) -> None:
