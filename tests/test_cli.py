@@ -20,15 +20,15 @@ def tiny_folder(tmp_path_factory):
 
 def test_eval_writes_the_report_in_the_documented_shape(tiny_folder, tmp_path, capsys):
     output = tmp_path / "report"
-    code = main([
-        "eval", "--model", str(tiny_folder), "--behaviors", "openness", "corrigible",
-        "--max-train", "20", "--max-eval", "12", "--layers", "1", "2", "3", "--multipliers", "-2", "0", "2",
-        "--encoder", "internal", "--internal-layer", "0", "--variants", "BASE", "SYS.POS", "--output", str(output),
-    ])
-    assert code == 0
+    common = ["--model", str(tiny_folder), "--max-train", "20", "--max-eval", "12", "--layers", "1", "2", "3",
+              "--multipliers", "-2", "0", "2", "--encoder", "internal", "--internal-layer", "0",
+              "--variants", "BASE", "SYS.POS", "--output", str(output)]
+    assert main(["eval", "--behaviors", "openness", *common]) == 0
+    argv = ["eval", "--behaviors", "corrigible", *common]
+    assert main(argv) == 0  # a second run into the same folder: the report covers both
     report = json.loads((output / "report.json").read_text())
-    assert report["model"] == str(tiny_folder) and report["command"].startswith("w2s-hf eval")
-    assert set(report["behaviors"]) == {"openness", "corrigible"}
+    assert report["model"] == str(tiny_folder) and report["commands"][-1].endswith(" | w2s-hf " + " ".join(argv))
+    assert set(report["behaviors"]) == {"openness", "corrigible"} and len(report["commands"]) == 2
     for name, entry in report["behaviors"].items():
         assert entry["protocol"] == ("statement" if name == "openness" else "answer")
         assert entry["fixed"]["layer"] in (1, 2, 3)

@@ -6,9 +6,11 @@ Run `w2s-hf COMMAND --help` for the options of each command.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 DEMO_PROMPTS = (
     "Tell me something you believe about yourself.",
@@ -104,18 +106,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     behaviors = list_behaviors(args.data_dir) if args.behaviors == ["all"] else args.behaviors
     model, tokenizer = _load_default(args)
     start = time.time()
-    reports = {}
+    output = Path(args.output)
     for behavior in behaviors:
         args.behavior = behavior
         config = _fit_config(args)
         config.variants = tuple(args.variants)
         print(f"== {behavior}", flush=True)
-        _, reports[behavior] = fit_bundle(model, tokenizer, config, f"{args.output}/bundles/{behavior}")
-        _print_summary(reports[behavior])
+        _, report = fit_bundle(model, tokenizer, config, output / "bundles" / behavior)
+        _print_summary(report)
     machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, CPU only".replace("  ", " ")
-    path = write_report(reports, args.output, model=args.model, command="w2s-hf " + shlex.join(args.argv),
-                        machine=machine, elapsed_s=time.time() - start)
-    print(f"\nReport written to {path} ({(time.time() - start) / 60:.1f} min).")
+    minutes = (time.time() - start) / 60
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "commands.log", "a") as log:  # every run that wrote into this report, in order
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M')} | {minutes:.1f} min | {machine} | w2s-hf {shlex.join(args.argv)}\n")
+    # The report covers every behavior evaluated into this folder, by this run or an earlier one.
+    reports = {folder.name: json.loads((folder / "report.json").read_text())
+               for folder in sorted((output / "bundles").iterdir()) if (folder / "report.json").is_file()}
+    path = write_report(reports, output, model=args.model, commands=(output / "commands.log").read_text().splitlines())
+    print(f"\nReport written to {path} ({minutes:.1f} min).")
     return 0
 
 

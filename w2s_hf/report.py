@@ -28,6 +28,7 @@ def behavior_entry(fit_report: dict) -> dict:
     tests = fit_report["test"]
     base = tests["BASE"]
     entry = {"protocol": fit_report["protocol"], "n_test": base["n"], "n_train": fit_report["fit"].get("max_train"),
+             "layers_swept": fit_report["fit"].get("layers"),
              "use_router": fit_report["train"]["use_router"], "chosen_k": fit_report["train"]["chosen_k"]}
     entry.update({name: _policy_entry(base[name]) for name in POLICIES if name in base})
     ood = {variant: {name: _policy_entry(result[name]) for name in POLICIES if name in result}
@@ -51,9 +52,7 @@ def write_report(
     output_dir: str | Path,
     *,
     model: str,
-    command: str,
-    machine: str,
-    elapsed_s: float,
+    commands: list[str],
 ) -> Path:
     """Writes `report.json`, `report.md`, `steerability_per_layer.png` and `optimal_layers.png`.
 
@@ -61,7 +60,7 @@ def write_report(
 
     ```python
     >>> write_report({"openness": fit_report}, "reports/mwe-smollm2", model="SmolLM2-135M-Instruct",
-    ...              command="w2s-hf eval ...", machine="2-core CPU", elapsed_s=1234.0)
+    ...              commands=["2026-11-25 21:24 | 31.0 min | x86_64, 2 cores, CPU only | w2s-hf eval ..."])
     ```
     """
     output = Path(output_dir)
@@ -71,9 +70,7 @@ def write_report(
     variants = sorted({v for e in entries for v in e.get("ood", {})})
     data = {
         "model": model,
-        "command": command,
-        "machine": machine,
-        "elapsed_s": round(elapsed_s, 1),
+        "commands": commands,
         "split": "test",
         "behaviors": behaviors,
         "mean": _mean_over(entries),
@@ -91,18 +88,20 @@ def _row(name: str, entry: dict) -> str:
         value = entry.get(policy)
         cells.append("-" if value is None else f"{value['steerability']:+.3f} / {value['prop_steerable']:.2f}")
     layer = entry.get("fixed", {}).get("layer", "")
-    return f"| {name} | {entry.get('protocol', '')} | {layer} | " + " | ".join(cells) + " |"
+    n = f"{entry['n_test']} / {entry['n_train']}" if "n_test" in entry else ""
+    return f"| {name} | {entry.get('protocol', '')} | {n} | {layer} | " + " | ".join(cells) + " |"
 
 
 def _markdown(data: dict, variants: list[str]) -> str:
-    header = "| behavior | protocol | fixed layer | " + " | ".join(POLICIES) + " |\n|" + " --- |" * (len(POLICIES) + 3)
+    header = "| behavior | protocol | n | fixed layer | " + " | ".join(POLICIES) + " |\n|" + " --- |" * (len(POLICIES) + 4)
     lines = [
         f"# W2S evaluation: {data['model']}",
         "",
-        f"Command: `{data['command']}`  ",
-        f"Machine: {data['machine']}; wall time {data['elapsed_s'] / 60:.1f} min.",
+        "Runs that wrote this report (date | wall time | machine | command):",
         "",
-        "Test split, BASE prompts. Each cell: mean steerability / proportion steerable. `w2s_bundle` is",
+        *[f"* `{command}`" for command in data["commands"]],
+        "",
+        "Test split, BASE prompts; `n` = test / train examples. Each cell: mean steerability / proportion steerable. `w2s_bundle` is",
         "what the saved bundle does (the CV-chosen top-k router, or the fixed layer when CV said the",
         "router would lose to it).",
         "",
