@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -145,6 +146,61 @@ class _StopForward(Exception):
     pass
 
 
+@torch.inference_mode()
+def early_block_outputs(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    reads: Iterable[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
+    """The outputs `[B, T, H]` of blocks `reads`, from one forward pass stopped right after the last of them.
+
+    Positions come from the attention mask, as in `generate`, so absolute-position models (GPT-2) see a
+    prompt the same however much left padding it has.
+
+    Args:
+        model (`nn.Module`): the causal LM (or PEFT model).
+        blocks (`Sequence[nn.Module]`): its decoder blocks (`find_decoder_layers(model)`).
+        reads (`Iterable[int]`): indices of the blocks to read.
+        input_ids, attention_mask: the tokenized prompts.
+
+    Example:
+
+    ```python
+    >>> outputs = early_block_outputs(model, find_decoder_layers(model), [0, 2], batch["input_ids"], batch["attention_mask"])
+    >>> outputs[2].shape
+    torch.Size([4, 17, 576])
+    ```
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    indices = sorted({int(index) for index in reads})
+    captured: dict[int, torch.Tensor] = {}
+    owner = threading.get_ident()
+
+    def make(index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+            if threading.get_ident() != owner:  # another thread's forward pass (e.g. a concurrent generate)
+                return
+            captured[index] = block_output(output)
+            if index == indices[-1]:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[index].register_forward_hook(make(index)) for index in indices]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
 class InternalEncoder(PromptEncoder):
     """The base model's own block output at an early layer, mean-pooled over real prompt tokens.
 
@@ -174,33 +230,14 @@ class InternalEncoder(PromptEncoder):
         self.model = model
         self.tokenizer = tokenizer
         self.layer = layer
+        self._blocks = blocks
         self._block = blocks[layer]
 
     @torch.inference_mode()
     def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Embeds already tokenized prompts."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        captured: list[torch.Tensor] = []
-        owner = threading.get_ident()
-
-        def stop(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-            if threading.get_ident() != owner:  # another thread's forward pass (e.g. a concurrent generate)
-                return
-            captured.append(block_output(output))
-            raise _StopForward
-
-        handle = self._block.register_forward_hook(stop)
-        # Mask-derived positions, as in `generate`: absolute-position models (GPT-2) then embed a
-        # prompt the same however much left padding it has.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return self.pool(captured[0], attention_mask).cpu()
+        hidden = early_block_outputs(self.model, self._blocks, [self.layer], input_ids, attention_mask)[self.layer]
+        return self.pool(hidden, attention_mask).cpu()
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The embeddings of prompts from block `layer`'s output `[B, T, H]`: mean over real tokens, L2-normalised.

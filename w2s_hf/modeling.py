@@ -18,13 +18,15 @@ import torch
 from torch import nn
 
 from .bundle import BundleError, SteeringBundle
-from .encoders import InternalEncoder, PromptEncoder, encoder_from_spec
+from .encoders import InternalEncoder, PromptEncoder, early_block_outputs, encoder_from_spec
+from .l2s import L2SNetworks, last_token_states
 from .layers import context_length_of
 from .predictor import LayerPredictor
 from .steering import (
     AdditiveIntervention,
     InPassRouter,
     Intervention,
+    RouterDecision,
     SteeringEngine,
     SteeringRoute,
     check_position_policy,
@@ -59,8 +61,8 @@ def embed_prompts(
 
 
 def build_intervention(bundle: SteeringBundle) -> Intervention:
-    """The intervention a bundle's `method` names."""
-    if bundle.config.method == "caa":
+    """The intervention a bundle's `method` names (`l2s`: additive, every route carries the L2S row vectors)."""
+    if bundle.config.method in ("caa", "l2s"):
         return AdditiveIntervention(bundle.steering_vectors)
     from .rotation import RotationIntervention
 
@@ -116,6 +118,11 @@ class W2SSteeringModel(nn.Module):
             self.predictor = (
                 LayerPredictor.from_config_dict(bundle.config.predictor, bundle.predictor_state_dict()).eval()
                 if bundle.config.predictor is not None
+                else None
+            )
+            self.l2s = (
+                L2SNetworks.from_config_dict(bundle.config.l2s, bundle.l2s_state_dict()).eval()
+                if bundle.config.l2s is not None
                 else None
             )
         except (ValueError, TypeError) as err:
@@ -325,28 +332,57 @@ class W2SSteeringModel(nn.Module):
         if isinstance(strength, (int, float)):
             check_strength(strength)
         layers = layer if layer is not None else override.layers
+        if layers is None and self.predictor is None:
+            layers = [tuple(self.default_layers)] * batch
         if layers is not None:
             layer_list = [layers] * batch if isinstance(layers, int) else list(layers)
-            return SteeringRoute.from_layers(layer_list, strength, self.num_layers, prompt_lengths), None
-        if self.predictor is None:
-            return SteeringRoute.uniform(batch, self.default_layers, strength, self.num_layers, prompt_lengths), None
+            if self.l2s is None:
+                return SteeringRoute.from_layers(layer_list, strength, self.num_layers, prompt_lengths), None
         routed_ids, routed_mask = _prompt_part(input_ids, attention_mask, prompt_lengths)
-        router = self._in_pass_router() if routed_mask is attention_mask else None
-        if router is not None:  # layers chosen inside the prompt's own forward pass
-            return SteeringRoute.from_layers([None] * batch, strength, self.num_layers, prompt_lengths), router
-        return SteeringRoute.from_layers(
-            self.predict_layers(routed_ids, routed_mask), strength, self.num_layers, prompt_lengths
-        ), None
+        encoder = self._own_internal_encoder() if layers is None else None
+        if layers is None and encoder is None:  # an external encoder routes before the pass
+            layer_list = self.predict_layers(routed_ids, routed_mask).tolist()
+            if self.l2s is None:
+                return SteeringRoute.from_layers(layer_list, strength, self.num_layers, prompt_lengths), None
+        known = None if encoder is not None else self._single_layers(layer_list)
+        steerable = self.predictor.candidate_layers.tolist() if known is None else [i for i in known.tolist() if i >= 0]
+        if not steerable:
+            return SteeringRoute.from_layers(known, strength, self.num_layers, prompt_lengths), None
+        reads = ([] if encoder is None else [encoder.layer]) + ([] if self.l2s is None else [self.l2s.context_layer])
 
-    def _in_pass_router(self) -> InPassRouter | None:
-        """Routing inside the steered forward pass itself, with no extra forward, when the encoder is this
-        model's own early block and every candidate layer lies above it; `None` otherwise."""
+        def decide(outputs: dict[int, torch.Tensor], mask: torch.Tensor | None) -> RouterDecision:
+            chosen = known if encoder is None else self._predict_from_embeddings(encoder.pool(outputs[encoder.layer], mask))
+            if self.l2s is None:
+                return chosen
+            return chosen, self.l2s.vectors(last_token_states(outputs[self.l2s.context_layer], mask), chosen)
+
+        if routed_mask is attention_mask and max(reads) < min(steerable):  # decided inside the prompt's own pass
+            route = SteeringRoute.from_layers([None] * batch, strength, self.num_layers, prompt_lengths)
+            return route, InPassRouter(tuple(reads), decide)
+        decision = decide(early_block_outputs(self.base_model, self.engine.layers, reads, routed_ids, routed_mask),
+                          routed_mask)
+        chosen, vectors = decision if isinstance(decision, tuple) else (decision, None)
+        return SteeringRoute.from_layers(chosen, strength, self.num_layers, prompt_lengths, vectors), None
+
+    def _own_internal_encoder(self) -> InternalEncoder | None:
+        """The router's encoder when it is this model's own block (readable inside the steered pass), else `None`."""
         encoder = self.encoder
-        if not isinstance(encoder, InternalEncoder) or encoder._block is not self.engine.layers[encoder.layer]:
-            return None
-        if int(self.predictor.candidate_layers.min()) <= encoder.layer:
-            return None
-        return InPassRouter(encoder.layer, lambda hidden, mask: self._predict_from_embeddings(encoder.pool(hidden, mask)))
+        if isinstance(encoder, InternalEncoder) and encoder._block is self.engine.layers[encoder.layer]:
+            return encoder
+        return None
+
+    def _single_layers(self, layers: Sequence) -> torch.Tensor:
+        """Per-row layer ids `LongTensor[B]` (-1: not steered) for an L2S bundle, which steers one layer per row."""
+        ids = []
+        for entry in layers:
+            entry = [entry] if entry is None or not isinstance(entry, (tuple, list)) else list(entry)
+            if len(entry) > 1:
+                raise ValueError(f"An L2S bundle steers one layer per row, got the layers {entry} for one row.")
+            ids.append(-1 if not entry or entry[0] is None else int(entry[0]))
+        missing = sorted({i for i in ids if i >= 0} - set(self.l2s.layers))
+        if missing:
+            raise ValueError(f"This L2S bundle has networks for layers {self.l2s.layers} only, not for {missing}.")
+        return torch.tensor(ids, dtype=torch.long)
 
     @contextmanager
     def _steered(self, routing: tuple[SteeringRoute, InPassRouter | None] | None, policy: str | None) -> Iterator[None]:

@@ -18,7 +18,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -234,18 +234,42 @@ class AdditiveIntervention:
         return hidden + delta.to(hidden.dtype)[:, None, :]
 
 
+RouterDecision = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""What a router decides for a batch of prompts: layer ids `LongTensor[B]` (-1: row not steered), or
+`(layer ids, row vectors [B, hidden])` for input-dependent steering vectors (e.g. L2S)."""
+
+
 @dataclass(frozen=True)
 class InPassRouter:
-    """Routes prompts from the model's own block output inside the steered forward pass itself.
+    """Routes prompts from the model's own block outputs inside the steered forward pass itself.
 
-    The engine calls `predict(block_output [B, T, H], attention_mask [B, T] or None)` once, on the
-    first forward pass (the prompt), from the hook of block `layer`, and steers each row at the layer
-    id it returns from there on, with no extra forward pass. Every layer it can return must be above
-    `layer` (blocks up to `layer` have already run when it decides).
+    During the first forward pass (the prompt) the engine keeps the outputs of blocks `reads` and,
+    from the hook of the last of them, calls `predict({layer: block_output [B, T, H]}, attention_mask
+    [B, T] or None)` once. Each row is then steered at the layer id it returns (and with its row
+    vector, when it returns `(layers, row_vectors)`) from there on, with no extra forward pass. Every
+    layer it can return must be above `max(reads)`: blocks up to there have already run when it decides.
+
+    Example:
+
+    ```python
+    >>> router = InPassRouter((0, 2), lambda outputs, mask: (choose_layers(outputs[0]), vectors_from(outputs[2])))
+    >>> with engine.steer(intervention, SteeringRoute.from_layers([None] * batch, 4.0, engine.num_layers), router=router):
+    ...     out = model.generate(**inputs)
+    ```
     """
 
-    layer: int
-    predict: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    reads: tuple[int, ...]
+    predict: Callable[[dict[int, torch.Tensor], torch.Tensor | None], RouterDecision]
+
+    def __post_init__(self) -> None:
+        if not self.reads or any(int(layer) < 0 for layer in self.reads):
+            raise ValueError(f"An in-pass router reads at least one block, by non-negative index; got {self.reads}.")
+        object.__setattr__(self, "reads", tuple(sorted({int(layer) for layer in self.reads})))
+
+    @property
+    def decision_layer(self) -> int:
+        """The block after which the router decides (the last block it reads)."""
+        return self.reads[-1]
 
 
 @dataclass
@@ -257,17 +281,23 @@ class _ActiveSteering:
     expanded: dict[tuple[int, torch.device], SteeringRoute] | None = None
     router: InPassRouter | None = None  # resolves the route's layers inside the first forward pass
     attention_mask: torch.Tensor | None = None  # 2-D mask of the current forward call, for the router
+    reads: dict[int, torch.Tensor] = field(default_factory=dict)  # block outputs the router reads, per prompt
 
-    def resolve(self, hidden: torch.Tensor) -> None:
-        """Replaces the route's layers by the router's choice for the prompts in `hidden` (block output)."""
-        rows = self.route.batch_size
-        repeat = hidden.shape[0] // rows  # generate repeats each prompt (beams, num_return_sequences) in place
-        mask = None if self.attention_mask is None else self.attention_mask[::repeat]
-        layers = self.router.predict(hidden[::repeat], mask).cpu()
+    def read(self, index: int, hidden: torch.Tensor) -> None:
+        """Keeps block `index`'s output for the router; decides once its last block has run."""
+        repeat = hidden.shape[0] // self.route.batch_size  # generate repeats each prompt (beams, ...) in place
+        self.reads[index] = hidden[::repeat]
+        if index == self.router.decision_layer:
+            self.resolve(None if self.attention_mask is None else self.attention_mask[::repeat])
+
+    def resolve(self, mask: torch.Tensor | None) -> None:
+        """Replaces the route's layers (and row vectors) by the router's decision for the prompts it read."""
+        decision = self.router.predict(self.reads, mask)
+        layers, vectors = decision if isinstance(decision, tuple) else (decision, self.route.row_vectors)
         route = self.route
-        self.route = SteeringRoute.from_layers(layers, route.strengths, route.num_layers, route.prompt_lengths,
-                                               route.row_vectors)
-        self.router, self.expanded = None, None
+        self.route = SteeringRoute.from_layers(layers.cpu(), route.strengths, route.num_layers, route.prompt_lengths,
+                                               None if vectors is None else vectors.detach().float().cpu())
+        self.router, self.expanded, self.reads = None, None, {}
 
     def route_for(self, batch: int, device: torch.device) -> SteeringRoute:
         if batch % self.route.batch_size != 0:
@@ -362,8 +392,8 @@ class SteeringEngine:
     ) -> Iterator[None]:
         """Context manager: steer every forward pass of this thread with `route`.
 
-        With `router`, the route's layers are chosen by the router inside the first forward pass (its
-        strengths, prompt lengths and row vectors are kept); see `InPassRouter`.
+        With `router`, the route's layers (and, if it returns them, its row vectors) are chosen by the
+        router inside the first forward pass (its strengths and prompt lengths are kept); see `InPassRouter`.
         """
         check_position_policy(policy)
         if route.num_layers != self.num_layers:
@@ -443,8 +473,8 @@ class SteeringEngine:
     def _make_layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple | None:
             active: _ActiveSteering | None = getattr(self._local, "active", None)
-            if active is not None and active.router is not None and active.router.layer == index:
-                active.resolve(block_output(output))
+            if active is not None and active.router is not None and index in active.router.reads:
+                active.read(index, block_output(output))
             if active is None or not bool(active.route.layer_mask[:, index].any()):
                 return None
             hidden = block_output(output)
@@ -465,6 +495,7 @@ __all__ = [
     "AdditiveIntervention",
     "InPassRouter",
     "Intervention",
+    "RouterDecision",
     "SteeringEngine",
     "SteeringRoute",
     "check_position_policy",

@@ -179,6 +179,63 @@ def score_propensities(
     return propensity
 
 
+def steerability_at(
+    model: nn.Module,
+    engine: SteeringEngine,
+    items: Sequence[Item],
+    layers: Sequence[int],
+    vectors: torch.Tensor,
+    pad_id: int,
+    *,
+    multipliers: Sequence[float] = DEFAULT_MULTIPLIERS,
+    base: np.ndarray | None = None,
+    batch_size: int = 32,
+    policy: str = "all",
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Steerability of each item steered at its own layer with its own vector (one policy, any method).
+
+    Args:
+        layers: the layer each item is steered at (e.g. the fixed layer, or the W2S router's choice).
+        vectors (`torch.Tensor` `[N, hidden]`): the vector each item is steered with there (a CAA
+            vector `caa[layers]`, an L2S or an oracle vector).
+        base (`np.ndarray` `[N]`, *optional*): the items' unsteered propensity, when already known
+            (the `propensity[:, j]` of an earlier call at a multiplier `j` of 0); computed otherwise.
+
+    Returns:
+        dict with `steerability` `[N]` and `propensity` `[N, len(multipliers)]`.
+
+    Example:
+
+    ```python
+    >>> fixed = steerability_at(model, engine, items, [12] * len(items), caa[[12] * len(items)], tok.pad_token_id)
+    >>> routed = steerability_at(model, engine, items, predicted, l2s_vectors, tok.pad_token_id,
+    ...                          base=fixed["propensity"][:, 2])
+    ```
+    """
+    multipliers = [float(m) for m in multipliers]
+    if len(layers) != len(items) or vectors.shape[0] != len(items):
+        raise ValueError(
+            f"Need one layer and one vector per item ({len(items)}), got {len(layers)} and {vectors.shape[0]}."
+        )
+    steered = [(i, m) for i in range(len(items)) for m in multipliers if m != 0.0]
+    requests = [(i, int(layers[i]), m) for i, m in steered]
+    row_vectors = vectors[[i for i, _ in steered]] if steered else None
+    intervention = AdditiveIntervention(torch.zeros(engine.num_layers, vectors.shape[1]))
+    scores = score_propensities(model, engine, intervention, items, requests, pad_id, batch_size, policy, progress,
+                                row_vectors=row_vectors)
+    if base is None and 0.0 in multipliers:
+        base = score_propensities(model, engine, None, items, [(i, None, 0.0) for i in range(len(items))], pad_id,
+                                  batch_size, policy, progress)
+    propensity = np.zeros((len(items), len(multipliers)))
+    for (i, m), score in zip(steered, scores):
+        propensity[i, multipliers.index(m)] = score
+    for j, m in enumerate(multipliers):
+        if m == 0.0:
+            propensity[:, j] = base
+    return {"steerability": steerability(multipliers, propensity), "propensity": propensity}
+
+
 class SweepCache:
     """Sweep results on disk: one `.npy` per finished unit of work + a JSON fingerprint, written atomically."""
 
@@ -284,7 +341,8 @@ def layer_sweep(
     Args:
         model: the base causal LM.
         items: protocol items (one per sample).
-        vectors: `[num_layers, hidden]` steering vectors.
+        vectors: `[num_layers, hidden]` steering vectors, or `[N, num_layers, hidden]` per-item vectors
+            (input-dependent steering, e.g. the L2S oracle vectors of `w2s_hf.l2s.oracle_vectors`).
         layers: layers to sweep (default: all).
         multipliers: steering multipliers; 0 is scored once and shared by every layer.
         batch_size: rows per steered forward (chunk size = batch_size // number of steered multipliers).
@@ -311,15 +369,18 @@ def layer_sweep(
     steered = [m for m in multipliers if m != 0.0]
     zero_columns = [j for j, m in enumerate(multipliers) if m == 0.0]
     steered_columns = [j for j, m in enumerate(multipliers) if m != 0.0]
-    intervention = AdditiveIntervention(vectors)
+    per_item = vectors.dim() == 3
+    if per_item and vectors.shape[0] != len(items):
+        raise ValueError(f"Per-item vectors are for {vectors.shape[0]} items but {len(items)} were given.")
+    intervention = AdditiveIntervention(vectors[0] if per_item else vectors)
     if shard is not None and cache_dir is None:
         raise ValueError("A sharded sweep needs `cache_dir`: the shards are merged through the cache.")
     cache = None
     if cache_dir is not None:
         cache = SweepCache(cache_dir, _fingerprint(items, vectors, layers, multipliers, policy, cache_key))
     device = _device_of(model)
-    per_item = max(len(_scored_rows(items, [i])) for i in range(len(items)))
-    chunk_size = max(1, batch_size // max(1, len(steered) * per_item))
+    rows_per_item = max(len(_scored_rows(items, [i])) for i in range(len(items)))
+    chunk_size = max(1, batch_size // max(1, len(steered) * rows_per_item))
     order = sorted(range(len(items)), key=lambda i: len(items[i].routing_ids))
     propensity = np.zeros((len(items), len(layers), len(multipliers)))
     chunks = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
@@ -348,6 +409,7 @@ def layer_sweep(
                     route = SteeringRoute(
                         torch.zeros(len(steered_rows), engine.num_layers, dtype=torch.bool).index_fill_(1, torch.tensor([layer]), True),
                         strengths,
+                        row_vectors=vectors[[item for item, _ in steered_rows], layer] if per_item else None,
                     )
                     cached = block_output(recorded[layer]).repeat_interleave(repeat, 0)
                     if isinstance(recorded[layer], tuple):

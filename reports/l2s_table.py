@@ -1,0 +1,220 @@
+"""Issue 6: the W2S paper's Table 1 (CAA / L2S, fixed layer / W2S), in distribution and OOD.
+
+For every behavior of a finished `w2s-hf eval` (default `reports/mwe-smollm2`) whose protocol has a
+positive and a negative answer per item (`answer`: the five advanced-AI-risk behaviors; `ab` too),
+reusing its fit config, splits and bundle (CAA vectors, fixed layer, W2S router):
+
+1. L2S oracle vectors and context representations of the train and validation splits;
+2. the L2S fixed layer: best mean train steerability when each input is steered with its own oracle
+   vector (a per-item-vector layer sweep over the eval's swept layers, cached and resumable);
+3. the context layer (lowest validation MSE of the fixed layer's network over `--context-layers`),
+   then one network per layer the router can pick (learning rates swept on validation);
+4. on the test split, for BASE and the OOD prompt variants (SYS.POS, SYS.NEG, USER.POS, USER.NEG):
+   CAA fixed, CAA + W2S (the eval bundle's routing: its router, or its fixed layer where CV chose no
+   router), L2S fixed, L2S + W2S (the same routed layers, each row with its L2S vector) and the
+   oracle vectors at the L2S fixed layer, all scored the same way (`steerability_at`).
+
+Persona behaviors use the `statement` protocol (one persona statement per item, no paired answers),
+so they have no oracle vectors and no L2S: they are listed as skipped. The eval's BASE numbers are
+kept next to ours as a check (same policies; ours re-score only the needed layer per item).
+
+Writes `README.md`, `l2s_table.json` and, per behavior, `<behavior>/result.json` (a finished behavior
+is not recomputed) and the L2S bundle `<behavior>/bundle` (loadable with `W2SSteeringModel`).
+
+    python reports/l2s_table.py --eval reports/mwe-smollm2 --output reports/l2s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from w2s_hf.bundle import SteeringBundle
+from w2s_hf.data import PROMPT_VARIANTS, behavior_info, load_behavior, split_dataset
+from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
+from w2s_hf.encoders import encoder_from_spec
+from w2s_hf.l2s import (
+    DEFAULT_LRS,
+    context_representations,
+    evaluate_l2s,
+    fit_l2s,
+    l2s_bundle,
+    oracle_fixed_layer,
+    oracle_vectors,
+)
+from w2s_hf.metrics import summarize
+from w2s_hf.predictor import LayerPredictor
+from w2s_hf.steering import SteeringEngine
+from w2s_hf.sweep import steerability_at
+from w2s_hf.train import FitConfig, build_items, embed_items
+
+PAIRED_PROTOCOLS = ("answer", "ab")
+METHODS = {"caa_fixed": "CAA w/ fixed layer", "caa_w2s": "CAA w/ W2S", "l2s_fixed": "L2S w/ fixed layer",
+           "l2s_w2s": "L2S w/ W2S", "oracle_fixed": "oracle vectors w/ L2S fixed layer (reference)"}
+
+
+def routed_layers(bundle: SteeringBundle, encoder, tokenizer, items) -> list[int]:
+    """The eval bundle's layer for every item: its router's choice, or its fixed layer without a router."""
+    if bundle.config.predictor is None:
+        return [int(bundle.config.fixed_layer)] * len(items)
+    predictor = LayerPredictor.from_config_dict(bundle.config.predictor, bundle.predictor_state_dict()).eval()
+    return predictor.predict_layers(embed_items(encoder, tokenizer, items)).tolist()
+
+
+def run_behavior(model, tokenizer, folder: Path, output: Path, args) -> dict:
+    report = json.loads((folder / "report.json").read_text())
+    protocol = report["protocol"]
+    if protocol not in PAIRED_PROTOCOLS:
+        return {"skipped": f"protocol `{protocol}` has no positive/negative answer pair per item: no oracle vectors, no L2S"}
+    known = {f.name for f in fields(FitConfig)}
+    fit = FitConfig(**{k: v for k, v in report["fit"].items() if k in known})
+    info = behavior_info(fit.behavior, fit.data_dir)
+    splits = split_dataset(load_behavior(fit.behavior, fit.data_dir), seed=fit.seed)
+    train = build_items(splits["train"], protocol, tokenizer, info, limit=fit.max_train)
+    val = build_items(splits["val"], protocol, tokenizer, info, limit=args.max_val)
+    pad_id, engine = tokenizer.pad_token_id, SteeringEngine(model)
+    bundle = SteeringBundle.load(folder)
+    caa, caa_fixed = bundle.steering_vectors, int(bundle.config.fixed_layer)
+    encoder = encoder_from_spec(bundle.config.encoder, model, tokenizer) if bundle.config.predictor is not None else None
+    started = time.time()
+    o_train, o_val = oracle_vectors(model, train, pad_id), oracle_vectors(model, val, pad_id)
+    c_train, c_val = context_representations(model, train, pad_id), context_representations(model, val, pad_id)
+    l2s_fixed, sweep = oracle_fixed_layer(model, train, o_train, pad_id, layers=fit.layers, multipliers=fit.multipliers,
+                                          batch_size=fit.batch_size, cache_dir=output / "cache" / "oracle-train",
+                                          cache_key={"behavior": fit.behavior, "seed": fit.seed}, engine=engine,
+                                          progress=args.progress)
+    routable = [caa_fixed] if encoder is None else bundle.tensors["predictor.candidate_layers"].tolist()
+    networks, fit_report = fit_l2s(c_train, o_train, c_val, o_val, fixed_layer=l2s_fixed,
+                                   steering_layers=routable, context_layers=args.context_layers,
+                                   lrs=args.lrs, seed=fit.seed, progress=args.progress)
+    fit_seconds = time.time() - started
+    l2s_bundle(bundle, networks, fixed_layer=l2s_fixed, training=fit_report).save(output / "bundle")
+    result = {
+        "protocol": protocol, "n_train": len(train), "n_val": len(val), "caa_fixed_layer": caa_fixed,
+        "l2s_fixed_layer": l2s_fixed, "context_layer": networks.context_layer,
+        "router": "w2s" if encoder is not None else "fixed (the eval's CV chose no router)",
+        "oracle_train_steerability_per_layer": dict(zip(sweep["layers"], sweep["steerability"].mean(0).tolist())),
+        "l2s_fit": fit_report, "fit_seconds": fit_seconds, "test": {},
+    }
+    for variant in args.variants:
+        items = build_items(splits["test"], protocol, tokenizer, info, variant, limit=fit.max_eval)
+        routed = routed_layers(bundle, encoder, tokenizer, items)
+        common = dict(multipliers=fit.multipliers, batch_size=fit.batch_size, policy=fit.position_policy)
+        scores = evaluate_l2s(model, items, networks, pad_id, fixed_layer=l2s_fixed, predicted_layers=routed,
+                              oracle=oracle_vectors(model, items, pad_id),
+                              contexts=context_representations(model, items, pad_id), engine=engine, **common)
+        base = None if scores["base"] is None else np.asarray(scores["base"])
+        row = {name: scores[name] for name in ("l2s_fixed", "l2s_w2s", "oracle_fixed")}
+        for name, layers in (("caa_fixed", [caa_fixed] * len(items)), ("caa_w2s", routed)):
+            slopes = steerability_at(model, engine, items, layers, caa[layers], pad_id, base=base, **common)["steerability"]
+            row[name] = summarize(slopes)
+        row["caa_w2s"]["layer_histogram"] = row["l2s_w2s"]["layer_histogram"]
+        row["n"] = len(items)
+        if variant in report.get("test", {}):
+            row["eval_report"] = {"caa_fixed": report["test"][variant]["fixed"],
+                                  "caa_w2s": report["test"][variant]["w2s_bundle"]}
+        result["test"][variant] = row
+        print(f"  {variant:8s} " + "  ".join(f"{name} {row[name]['steerability']:+.3f}" for name in METHODS), flush=True)
+    return result
+
+
+def mean_over(results: dict, variant: str, method: str, key: str) -> float | None:
+    values = [r["test"][variant][method][key] for r in results.values() if variant in r.get("test", {})]
+    return float(np.mean(values)) if values else None
+
+
+def cell(value: float | None, signed: bool = True) -> str:
+    return "n/a" if value is None else (f"{value:+.3f}" if signed else f"{value:.3f}")
+
+
+def write_report(results: dict, output: Path, variants: list[str], command: str, minutes: float, args) -> None:
+    done = {b: r for b, r in results.items() if "test" in r}
+    summary = {variant: {method: {key: mean_over(done, variant, method, key) for key in ("steerability", "prop_steerable")}
+                         for method in METHODS} for variant in variants}
+    (output / "l2s_table.json").write_text(json.dumps(
+        {"command": command, "minutes": minutes, "mean_over_behaviors": summary, "behaviors": results}, indent=2))
+    lines = [f"# CAA and L2S, fixed layer and W2S ({args.base_model}, test split)", "",
+             f"Command: `{command}` ({minutes:.1f} min). Built on the eval in `{args.eval}` (its fit config, "
+             "splits, CAA vectors, fixed layer and W2S router). Mean over "
+             f"{len(done)} behaviors ({', '.join(done) or 'none'}); steerability and proportion of steerable examples.", ""]
+    if "BASE" in variants:
+        lines += ["In distribution (BASE prompts):", "", "| Method | Steerability | Prop. steerable |", "|---|---:|---:|"]
+        base = summary["BASE"]
+        lines += [f"| {label} | {cell(base[m]['steerability'])} | {cell(base[m]['prop_steerable'], False)} |"
+                  for m, label in METHODS.items()]
+    ood = [v for v in variants if v != "BASE"]
+    if ood:
+        lines += ["", "Out of distribution (router and networks trained on BASE):", "",
+                  "| Method | " + " | ".join(f"{v} steer. | {v} prop." for v in ood) + " |",
+                  "|---|" + "---:|---:|" * len(ood)]
+        lines += [f"| {label} | " + " | ".join(f"{cell(summary[v][m]['steerability'])} | "
+                                               f"{cell(summary[v][m]['prop_steerable'], False)}" for v in ood) + " |"
+                  for m, label in METHODS.items()]
+    lines += ["", "Per behavior, BASE steerability (layers: CAA fixed / L2S fixed / context):", "",
+              "| behavior | CAA fixed | CAA+W2S | L2S fixed | L2S+W2S | oracle | layers | router | eval CAA fixed / W2S |",
+              "|---|---:|---:|---:|---:|---:|---|---|---|"]
+    for behavior, r in results.items():
+        if "test" not in r:
+            lines.append(f"| {behavior} | skipped: {r['skipped']} |" + " |" * 7)
+            continue
+        base = r["test"].get("BASE")
+        if base is None:
+            continue
+        check = base.get("eval_report")
+        check = f"{cell(check['caa_fixed']['steerability'])} / {cell(check['caa_w2s']['steerability'])}" if check else "n/a"
+        lines.append(f"| {behavior} | " + " | ".join(cell(base[m]["steerability"]) for m in METHODS)
+                     + f" | {r['caa_fixed_layer']} / {r['l2s_fixed_layer']} / {r['context_layer']} | {r['router']} | "
+                     + f"{check} |")
+    lines += ["", "Notes:", "",
+              "- L2S fixed layer: best mean train steerability with each input's own oracle vector (paper section 6.1); "
+              "context layer: lowest validation MSE of that layer's network among "
+              f"{args.context_layers}; networks: 2-layer MLP, hidden 100, tanh, learning rate from {list(args.lrs)} "
+              "by validation MSE (appendix D.3). One context layer serves every steering layer.",
+              "- W2S rows use the eval bundle's router as it was trained (on CAA sweep labels); where the eval's CV "
+              "chose no router, W2S is its fixed layer, as in the eval's own `w2s_bundle` row.",
+              "- Persona behaviors (statement protocol) have no positive/negative answer pair per item, so no oracle "
+              "vectors and no L2S."]
+    (output / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval", default="reports/mwe-smollm2", help="folder of the finished `w2s-hf eval`")
+    parser.add_argument("--output", default="reports/l2s")
+    parser.add_argument("--behaviors", nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=list(PROMPT_VARIANTS), choices=PROMPT_VARIANTS)
+    parser.add_argument("--context-layers", nargs="+", type=int, default=[3, 6, 9, 12, 15])
+    parser.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS))
+    parser.add_argument("--max-val", type=int, default=None, help="cap on validation examples (default: all)")
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="the eval's base model (folder or id)")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    start = time.time()
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_base_model(args.base_model), load_tokenizer(args.base_model)
+    bundles = Path(args.eval) / "bundles"
+    behaviors = args.behaviors or sorted(p.name for p in bundles.iterdir() if (p / "report.json").is_file())
+    results = {}
+    for behavior in behaviors:
+        path = output / behavior / "result.json"
+        if path.is_file():
+            results[behavior] = json.loads(path.read_text())
+            continue
+        print(f"{behavior}:", flush=True)
+        results[behavior] = run_behavior(model, tokenizer, bundles / behavior, output / behavior, args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results[behavior], indent=2))
+    write_report(results, output, args.variants, "python " + shlex.join(sys.argv), (time.time() - start) / 60, args)
+    print(f"Written to {output} ({(time.time() - start) / 60:.1f} min).")
+
+
+if __name__ == "__main__":
+    main()
