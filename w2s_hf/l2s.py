@@ -35,6 +35,7 @@ from .bundle import BundleConfig, BundleError, SteeringBundle
 from .labels import fixed_layer as best_mean_column
 from .layers import block_output
 from .metrics import summarize
+from .predictor import train_minibatches
 from .protocols import Item
 from .steering import SteeringEngine
 from .sweep import DEFAULT_MULTIPLIERS, _device_of, capture_block_outputs, layer_sweep, pad_batch, steerability_at
@@ -225,16 +226,8 @@ def _train_network(
         torch.manual_seed(seed)
         network = L2SNetwork(x.shape[1], hidden)
     network.standardize(x, y)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
-    network.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
-            loss = F.mse_loss(network(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return network.eval()
+    return train_minibatches(network, x, y, F.mse_loss, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                             batch_size=batch_size, seed=seed)
 
 
 @torch.no_grad()

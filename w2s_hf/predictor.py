@@ -255,16 +255,26 @@ def _train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         predictor = LayerPredictor(x.shape[1], candidate_layers, config["hidden_dim"], config["num_hidden_layers"])
+    return train_minibatches(predictor, x, y, F.cross_entropy, lr=config["lr"], weight_decay=config["weight_decay"],
+                             epochs=epochs, batch_size=batch_size, seed=seed)
+
+
+def train_minibatches(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, *, lr: float, weight_decay: float, epochs: int,
+    batch_size: int, seed: int,
+) -> nn.Module:
+    """AdamW over shuffled minibatches (order seeded), returning `module` in eval mode: the deterministic
+    training loop of the layer predictor and the L2S networks."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(predictor.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    predictor.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    module.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(x), generator=generator).split(batch_size):
-            loss = F.cross_entropy(predictor(x[batch]), y[batch])
+            loss = loss_fn(module(x[batch]), y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return predictor.eval()
+    return module.eval()
 
 
 def fit_layer_predictor(
