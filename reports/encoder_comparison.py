@@ -3,7 +3,8 @@
 For every behavior of a finished `w2s-hf eval` (default `reports/mwe-smollm2`, whose bundles use
 all-MiniLM-L6-v2 through sentence-transformers), the router is re-trained with each other encoder on
 the very same train/test sweeps (the sweep cache is copied, so only embeddings and the CV predictor
-are recomputed) and evaluated on the same test split:
+are recomputed) and evaluated on the same test split (a behavior already fitted by an earlier run of
+this script is read back, so the table can grow as the eval does):
 
 * `minilm`: all-MiniLM-L6-v2, mean-pooled, the library default (numbers from the eval itself);
 * `internal-L2`: SmolLM2's own block-2 output, mean-pooled (`{"type": "internal", "layer": 2}`);
@@ -63,10 +64,13 @@ def main() -> None:
         results[behavior] = {"minilm": summary(main_report)}
         for name, spec in encoder_specs().items():
             folder = output / name / behavior
-            if not (folder / "cache").is_dir():
-                shutil.copytree(bundles / behavior / "cache", folder / "cache")
-            config = FitConfig(**{**main_report["fit"], "encoder": spec, "variants": ("BASE",)})
-            _, report = fit_bundle(model, tokenizer, config, folder, progress=False)
+            if (folder / "report.json").is_file():  # fitted by an earlier run of this script
+                report = json.loads((folder / "report.json").read_text())
+            else:
+                if not (folder / "cache").is_dir():
+                    shutil.copytree(bundles / behavior / "cache", folder / "cache")
+                config = FitConfig(**{**main_report["fit"], "encoder": spec, "variants": ("BASE",)})
+                _, report = fit_bundle(model, tokenizer, config, folder, progress=False)
             results[behavior][name] = summary(report)
             print(f"{behavior:16s} {name:16s} W2S {results[behavior][name]['w2s_bundle']['steerability']:+.3f} "
                   f"(MiniLM {results[behavior]['minilm']['w2s_bundle']['steerability']:+.3f}, fixed "
@@ -79,12 +83,16 @@ def main() -> None:
     minutes = (time.time() - start) / 60
     command = "python " + shlex.join(sys.argv)
     output.mkdir(parents=True, exist_ok=True)
+    with open(output / "commands.log", "a") as log:
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M')} | {minutes:.1f} min | CPU | {command}\n")
+    commands = (output / "commands.log").read_text().splitlines()
     (output / "encoders.json").write_text(json.dumps(
-        {"command": command, "minutes": minutes, "behaviors": results, "mean_steerability": means, "router_beats_fixed": wins},
+        {"commands": commands, "behaviors": results, "mean_steerability": means, "router_beats_fixed": wins},
         indent=2))
     lines = ["# Prompt encoders for the W2S router (SmolLM2-135M-Instruct, test split, BASE prompts)", "",
-             f"Command: `{command}` ({minutes:.1f} min, CPU). Same sweeps as `{args.eval}` (copied caches): only "
-             "the router's embeddings and its cross-validated predictor change.", "",
+             "Runs (date | wall time | machine | command):", "", *[f"* `{c}`" for c in commands], "",
+             f"Same sweeps as `{args.eval}` (copied caches): only the router's embeddings and its cross-validated "
+             "predictor change.", "",
              "Mean steerability over behaviors (W2S = the shipped bundle: router, or the fixed layer where CV "
              "said the router loses):", "",
              "| encoder | fixed | W2S top-1 | top-2 | top-3 | W2S bundle | oracle | bundle > fixed |",
