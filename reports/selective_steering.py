@@ -4,8 +4,9 @@ Per behavior (train split for fitting, test split for measuring):
 
 * **Plane and layers**: `fit_rotation_bundle` (b1 = class-mean difference at the most global layer,
   b2 = first principal component of the per-layer candidates, discriminative layer mask).
-* **Effect**: mean propensity of the test items (the behavior's protocol: `statement` for persona,
-  `answer` otherwise) at every angle θ (rotation) or multiplier (CAA), position policy `all`.
+* **Effect**: class-balanced mean propensity of the test items (the behavior's protocol: `statement`
+  for persona, `answer` otherwise) at every angle θ (rotation) or multiplier (CAA), position policy
+  `all`; per-item propensities are kept in the JSON.
   Methods: `selective` (relative rotation on the discriminative layers), `rotate-all` (the same
   rotation on every layer), `caa` (CAA vector added at the fixed layer of the W2S eval, or `--caa-layer`).
 * **Coherence**: greedy generations for a few open prompts at each setting; perplexity of each
@@ -49,6 +50,20 @@ PROMPTS = (
 )
 ANGLES = (-math.pi / 2, -math.pi / 4, -math.pi / 8, 0.0, math.pi / 8, math.pi / 4, math.pi / 2)
 MULTIPLIERS = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)
+
+
+def class_weights(items) -> np.ndarray:
+    """Weights giving each class of statements half the mean (statement protocol: one signed statement per
+    item), so a change that lowers every statement's likelihood alike does not read as an effect; items
+    with both answers (answer protocol) are balanced already and weigh the same."""
+    signs = np.array([item.sequences[0].sign if len(item.sequences) == 1 else 0.0 for item in items])
+    weights = np.ones(len(items))
+    for sign in (1.0, -1.0):
+        if (signs == sign).any():
+            weights[signs == sign] = 0.5 / (signs == sign).sum()
+    if (signs == 0).any():
+        weights[signs == 0] = 1.0 / len(items)
+    return weights
 
 
 def degenerate(tokens: list[int]) -> bool:
@@ -119,7 +134,7 @@ def run_behavior(model, tokenizer, behavior: str, args) -> dict:
         requests = [(i, layers, float(s)) for s in grid for i in range(len(items))]
         propensity = score_propensities(model, engine, intervention, items, requests, tokenizer.pad_token_id,
                                         batch_size=args.batch_size).reshape(len(grid), len(items))
-        means = propensity.mean(1)
+        means = propensity @ class_weights(items)
         zero = means[list(grid).index(0.0)]
         settings = []
         for strength, mean in zip(grid, means):
@@ -129,7 +144,8 @@ def run_behavior(model, tokenizer, behavior: str, args) -> dict:
             print(f"{behavior:16s} {name:10s} {strength:+6.3f}  Δprop {mean - zero:+.3f}  ppl {quality['ppl']:7.2f}  "
                   f"degenerate {quality['degenerate']:.2f}", flush=True)
         slope = float(np.polyfit(np.asarray(grid, dtype=float), means, 1)[0])
-        result["methods"][name] = {"layers": list(layers), "slope_per_unit": slope, "settings": settings}
+        result["methods"][name] = {"layers": list(layers), "slope_per_unit": slope, "settings": settings,
+                                   "per_item_propensity": propensity.tolist()}
     return result
 
 
