@@ -111,7 +111,11 @@ def coherence(model, tokenizer, engine, intervention, layers, strength, max_new_
 
 def run_behavior(model, tokenizer, behavior: str, args) -> dict:
     engine = SteeringEngine(model)
-    bundle = fit_rotation_bundle(model, tokenizer, behavior, max_train=args.max_train, progress=False)
+    try:
+        bundle = fit_rotation_bundle(model, tokenizer, behavior, max_train=args.max_train, progress=False)
+    except ValueError as err:  # e.g. no discriminative layer: a finding, not a crash
+        print(f"{behavior}: {err}", flush=True)
+        return {"error": str(err)}
     rotation = RotationIntervention.from_bundle(bundle)
     selective_layers = torch.nonzero(bundle.tensors["layer_mask"]).flatten().tolist()
     caa_layer = args.caa_layer
@@ -192,6 +196,9 @@ def write_plots(results: dict, output: Path) -> None:
 def write_markdown(results: dict, output: Path, header: str) -> None:
     lines = [header, "", "## Effect and coherence per setting", ""]
     for behavior, result in results.items():
+        if "error" in result:
+            lines += [f"### {behavior}", "", f"Not fitted: {result['error']}", ""]
+            continue
         lines += [f"### {behavior} (protocol `{result['protocol']}`)", "",
                   f"Discriminative layers ({len(result['selective_layers'])}): {result['selective_layers']}; "
                   f"b1 from layer {result['feature_layer']}; CAA at layer {result['caa_layer']}.", "",
@@ -223,18 +230,22 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     start = time.time()
     model, tokenizer = load_base_model(DEFAULT_BASE_MODEL), load_tokenizer(DEFAULT_BASE_MODEL)
-    results = {behavior: run_behavior(model, tokenizer, behavior, args) for behavior in args.behaviors}
-    minutes = (time.time() - start) / 60
-    command = "python " + shlex.join(sys.argv)
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    header = (f"# Selective Steering on SmolLM2-135M-Instruct\n\nCommand: `{command}`  \nMachine: {machine}; "
-              f"{minutes:.1f} min.  \nTest items per behavior: {args.max_eval}; generations: {len(PROMPTS)} open prompts, "
-              f"greedy, {args.max_new_tokens} new tokens, position policy `all`.")
-    (output / "report.json").write_text(json.dumps({"command": command, "machine": machine, "minutes": minutes,
-                                                    "behaviors": results}, indent=2))
-    write_plots(results, output)
-    write_markdown(results, output, header)
-    print(f"Report written to {output} ({minutes:.1f} min).")
+    results = {}
+    for behavior in args.behaviors:  # the report is rewritten after each behavior: a crash loses nothing done
+        results[behavior] = run_behavior(model, tokenizer, behavior, args)
+        minutes = (time.time() - start) / 60
+        command = "python " + shlex.join(sys.argv)
+        machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+        header = (f"# Selective Steering on SmolLM2-135M-Instruct\n\nCommand: `{command}`  \nMachine: {machine}; "
+                  f"{minutes:.1f} min.  \nTest items per behavior: {args.max_eval}; generations: {len(PROMPTS)} open "
+                  f"prompts, greedy, {args.max_new_tokens} new tokens, position policy `all`.")
+        (output / "report.json").write_text(json.dumps({"command": command, "machine": machine, "minutes": minutes,
+                                                        "behaviors": results}, indent=2))
+        fitted = {name: result for name, result in results.items() if "error" not in result}
+        if fitted:
+            write_plots(fitted, output)
+        write_markdown(results, output, header)
+    print(f"Report written to {output} ({(time.time() - start) / 60:.1f} min).")
 
 
 if __name__ == "__main__":
