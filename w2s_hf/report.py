@@ -97,7 +97,7 @@ def _markdown(data: dict, variants: list[str]) -> str:
     lines = [
         f"# W2S evaluation: {data['model']}",
         "",
-        "Runs that wrote this report (date | wall time | machine | command):",
+        "Runs that wrote this report (finished | wall time | machine | command):",
         "",
         *[f"* `{command}`" for command in data["commands"]],
         "",
