@@ -32,7 +32,7 @@ from torch import nn
 
 from .encoders import ENCODER_TYPES
 from .layers import LAYER_CONVENTION, find_decoder_layers, hidden_size_of, unwrap_base_model
-from .steering import POSITION_POLICIES, check_position_policy
+from .steering import POSITION_POLICIES
 
 logger = logging.getLogger(__name__)
 
