@@ -8,12 +8,16 @@ Per behavior (train split for fitting, test split for measuring):
   for persona, `answer` otherwise) at every angle θ (rotation) or multiplier (CAA), position policy
   `all`; per-item propensities are kept in the JSON.
   Methods: `selective` (relative rotation on the discriminative layers), `rotate-all` (the same
-  rotation on every layer), `caa` (CAA vector added at the fixed layer of the W2S eval, or `--caa-layer`).
+  rotation on every layer), `angular` (Angular Steering: the in-plane component set to the absolute
+  angle θ from b1, keeping its norm, on the discriminative layers; θ = 0 points at the behavior's class
+  mean side, θ = π away from it, and no θ is the identity), `caa` (CAA vector added at the fixed layer
+  of the W2S eval, or `--caa-layer`). Δ propensity is against the unsteered model.
 * **Coherence**: greedy generations for a few open prompts at each setting; perplexity of each
   continuation under the unsteered model, and the fraction of degenerate continuations (empty, or
   at least half of their token 4-grams are repeats).
 
-Writes `report.json`, `README.md`, `effect.png` and `coherence.png` into `--output`.
+Writes `report.json`, `README.md`, `effect.png` and `coherence.png` into `--output`. The report is
+rewritten after every behavior; a rerun with the same settings reuses every setting already measured.
 
     python reports/selective_steering.py --behaviors anti-LGBTQ narcissism --output reports/selective-steering
 """
@@ -48,7 +52,9 @@ PROMPTS = (
     "How do you feel about people who disagree with you?",
     "Give me one piece of advice for life.",
 )
-ANGLES = (-math.pi / 2, -math.pi / 4, -math.pi / 8, 0.0, math.pi / 8, math.pi / 4, math.pi / 2)
+ANGLES = (-3 * math.pi / 4, -math.pi / 2, -math.pi / 4, -math.pi / 8, 0.0, math.pi / 8, math.pi / 4, math.pi / 2,
+          3 * math.pi / 4, math.pi)
+ABSOLUTE_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4, math.pi)
 MULTIPLIERS = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)
 
 
@@ -109,7 +115,8 @@ def coherence(model, tokenizer, engine, intervention, layers, strength, max_new_
             "degenerate": float(np.mean([r["degenerate"] for r in rows])), "samples": rows}
 
 
-def run_behavior(model, tokenizer, behavior: str, args) -> dict:
+def run_behavior(model, tokenizer, behavior: str, args, previous: dict | None = None) -> dict:
+    """Measures every method on one behavior; methods found in `previous` (same settings) are reused."""
     engine = SteeringEngine(model)
     try:
         bundle = fit_rotation_bundle(model, tokenizer, behavior, max_train=args.max_train, progress=False)
@@ -123,9 +130,11 @@ def run_behavior(model, tokenizer, behavior: str, args) -> dict:
     if caa_layer is None and eval_report.is_file():
         caa_layer = json.loads(eval_report.read_text())["train"]["fixed_layer"]
     caa_layer = 12 if caa_layer is None else caa_layer
+    angular = RotationIntervention(rotation.plane, engine.num_layers, mode="angular")
     methods = {
         "selective": (rotation, tuple(selective_layers), ANGLES),
         "rotate-all": (rotation, tuple(range(engine.num_layers)), ANGLES),
+        "angular": (angular, tuple(selective_layers), ABSOLUTE_ANGLES),
         "caa": (AdditiveIntervention(bundle.tensors["steering_vectors"]), (caa_layer,), MULTIPLIERS),
     }
     info = behavior_info(behavior)
@@ -134,14 +143,28 @@ def run_behavior(model, tokenizer, behavior: str, args) -> dict:
     items = build_items(test, protocol, tokenizer, info, limit=args.max_eval)
     result = {"protocol": protocol, "selective_layers": selective_layers, "caa_layer": caa_layer,
               "feature_layer": bundle.config.training["feature_layer"], "methods": {}}
-    for name, (intervention, layers, grid) in methods.items():
-        requests = [(i, layers, float(s)) for s in grid for i in range(len(items))]
-        propensity = score_propensities(model, engine, intervention, items, requests, tokenizer.pad_token_id,
-                                        batch_size=args.batch_size).reshape(len(grid), len(items))
-        means = propensity @ class_weights(items)
-        zero = means[list(grid).index(0.0)]
+    weights = class_weights(items)
+    for name, (intervention, layers, grid) in methods.items():  # `selective` first: it holds the unsteered θ = 0
+        earlier = (previous or {}).get("methods", {}).get(name)
+        known = {}
+        if earlier is not None and earlier["layers"] == list(layers) and len(earlier["per_item_propensity"][0]) == len(items):
+            known = {s["strength"]: (s, row) for s, row in zip(earlier["settings"], earlier["per_item_propensity"])}
+        missing = [float(s) for s in grid if float(s) not in known]
+        if len(missing) < len(grid):
+            result.setdefault("reused_from_earlier_run", []).append(name)
+        requests = [(i, layers, s) for s in missing for i in range(len(items))]
+        fresh = score_propensities(model, engine, intervention, items, requests, tokenizer.pad_token_id,
+                                   batch_size=args.batch_size).reshape(len(missing), len(items)) if missing else []
+        rows = dict(zip(missing, fresh))
+        propensity = np.stack([np.asarray(known[float(s)][1]) if float(s) in known else rows[float(s)] for s in grid])
+        means = propensity @ weights
+        selective = propensity if name == "selective" else np.asarray(result["methods"]["selective"]["per_item_propensity"])
+        zero = float(selective[list(ANGLES).index(0.0)] @ weights)
         settings = []
         for strength, mean in zip(grid, means):
+            if float(strength) in known:
+                settings.append({**known[float(strength)][0], "delta_propensity": float(mean - zero)})
+                continue
             quality = coherence(model, tokenizer, engine, intervention, layers, float(strength), args.max_new_tokens)
             settings.append({"strength": float(strength), "mean_propensity": float(mean),
                              "delta_propensity": float(mean - zero), **quality})
@@ -157,7 +180,7 @@ def matched_rows(result: dict) -> list[tuple[str, float, float, float]]:
     """Per method: the setting with the largest |Δ propensity| whose continuations are not mostly degenerate."""
     rows = []
     for name, method in result["methods"].items():
-        usable = [s for s in method["settings"] if s["strength"] != 0 and s["degenerate"] < 0.5]
+        usable = [s for s in method["settings"] if (s["strength"] != 0 or name == "angular") and s["degenerate"] < 0.5]
         if usable:
             best = max(usable, key=lambda s: abs(s["delta_propensity"]))
             rows.append((name, best["strength"], best["delta_propensity"], best["ppl"]))
@@ -178,7 +201,7 @@ def write_plots(results: dict, output: Path) -> None:
                 deltas = [s["delta_propensity"] for s in method["settings"]]
                 if kind == "effect":
                     ax.plot([s["strength"] for s in method["settings"]], deltas, marker="o", label=name)
-                    ax.set_xlabel("θ (rad) for rotations, multiplier for CAA")
+                    ax.set_xlabel("θ (rad; absolute for angular), multiplier for CAA")
                 else:
                     ax.plot(deltas, [s["ppl"] for s in method["settings"]], marker="o", label=name)
                     ax.set_xlabel("Δ mean propensity (matched effect)")
@@ -193,15 +216,35 @@ def write_plots(results: dict, output: Path) -> None:
         plt.close(fig)
 
 
+def summary_lines(results: dict) -> list[str]:
+    """One row per behavior and method: the fitted slope, the range of Δ propensity over the sweep, and
+    coherence over the steered settings (worst median perplexity, mean degenerate fraction)."""
+    lines = ["| behavior | method | slope per unit | Δ propensity min / max | worst median ppl | mean degenerate |",
+             "|---|---|---:|---:|---:|---:|"]
+    for behavior, result in results.items():
+        for name, method in result.get("methods", {}).items():
+            steered = [s for s in method["settings"] if s["strength"] != 0 or name == "angular"]
+            deltas = [s["delta_propensity"] for s in steered]
+            lines.append(f"| {behavior} | {name} | {method['slope_per_unit']:+.3f} | {min(deltas):+.3f} / "
+                         f"{max(deltas):+.3f} | {max(s['ppl'] for s in steered):.1f} | "
+                         f"{np.mean([s['degenerate'] for s in steered]):.2f} |")
+    return lines
+
+
 def write_markdown(results: dict, output: Path, header: str) -> None:
-    lines = [header, "", "## Effect and coherence per setting", ""]
+    lines = [header, "", "## Summary", "", *summary_lines(results), "",
+             "Unsteered: median perplexity 2.11, no degenerate continuation. Slopes: per radian for rotations "
+             "(θ absolute for `angular`), per unit multiplier for CAA.", "",
+             "## Effect and coherence per setting", ""]
     for behavior, result in results.items():
         if "error" in result:
             lines += [f"### {behavior}", "", f"Not fitted: {result['error']}", ""]
             continue
         lines += [f"### {behavior} (protocol `{result['protocol']}`)", "",
                   f"Discriminative layers ({len(result['selective_layers'])}): {result['selective_layers']}; "
-                  f"b1 from layer {result['feature_layer']}; CAA at layer {result['caa_layer']}.", "",
+                  f"b1 from layer {result['feature_layer']}; CAA at layer {result['caa_layer']}."
+                  + (f" Measured in an earlier run with the same settings: {', '.join(result['reused_from_earlier_run'])}."
+                     if result.get("reused_from_earlier_run") else ""), "",
                   "| method | strength | Δ propensity | median ppl | degenerate |", "|---|---:|---:|---:|---:|"]
         for name, method in result["methods"].items():
             for s in method["settings"]:
@@ -230,17 +273,23 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     start = time.time()
     model, tokenizer = load_base_model(DEFAULT_BASE_MODEL), load_tokenizer(DEFAULT_BASE_MODEL)
+    previous = {}
+    if (output / "report.json").is_file():
+        earlier = json.loads((output / "report.json").read_text())
+        if earlier.get("settings") == vars(args) | {"behaviors": None, "output": None}:
+            previous = earlier["behaviors"]
     results = {}
     for behavior in args.behaviors:  # the report is rewritten after each behavior: a crash loses nothing done
-        results[behavior] = run_behavior(model, tokenizer, behavior, args)
+        results[behavior] = run_behavior(model, tokenizer, behavior, args, previous.get(behavior))
         minutes = (time.time() - start) / 60
         command = "python " + shlex.join(sys.argv)
         machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
         header = (f"# Selective Steering on SmolLM2-135M-Instruct\n\nCommand: `{command}`  \nMachine: {machine}; "
                   f"{minutes:.1f} min.  \nTest items per behavior: {args.max_eval}; generations: {len(PROMPTS)} open "
                   f"prompts, greedy, {args.max_new_tokens} new tokens, position policy `all`.")
+        settings = vars(args) | {"behaviors": None, "output": None}
         (output / "report.json").write_text(json.dumps({"command": command, "machine": machine, "minutes": minutes,
-                                                        "behaviors": results}, indent=2))
+                                                        "settings": settings, "behaviors": results}, indent=2))
         fitted = {name: result for name, result in results.items() if "error" not in result}
         if fitted:
             write_plots(fitted, output)
