@@ -5,18 +5,40 @@ the CAA fixed-layer / W2S test results and the train sweep's mean steerability p
 `fit` section gives the exact FitConfig, so the attention run uses identical settings (only the
 extraction differs) and the CAA sweep is never recomputed. A behavior without a CAA report is
 skipped (re-run the same `w2s-hf eval` command: it resumes from its cache).
+
+Three parts per behavior:
+
+* relevance: the layer-relevance scores (attention-guided and answer-token features) and their rank
+  correlation with the CAA sweep's per-layer steerability;
+* vectors: on the test split, attention-guided and answer-token CAA vectors, each steered at the CAA
+  eval's own layers (its fixed layer, and its bundle's per-prompt W2S choice): the same layers, only
+  the vectors differ (one steered layer per item: cheap enough for every behavior on a CPU);
+* sweep (only `--sweep-behaviors`): the full fit with attention-guided vectors, which picks its own
+  fixed layer and trains its own router (a whole layer sweep: costly on a CPU).
+
+Results are written after every behavior; a rerun skips the parts already in the JSON.
+
+    python reports/attention_vs_caa.py --output reports/attention-smollm2 --sweep-behaviors anti-LGBTQ corrigible
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from l2s_table import routed_layers
 from w2s_hf.attention_features import attention_features, layer_relevance
+from w2s_hf.bundle import SteeringBundle
+from w2s_hf.encoders import encoder_from_spec
+from w2s_hf.metrics import summarize
+from w2s_hf.steering import SteeringEngine
+from w2s_hf.sweep import steerability_at
 from w2s_hf.data import behavior_info, list_behaviors, load_behavior, split_dataset
 from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
 from w2s_hf.train import FitConfig, build_items, fit_bundle
@@ -35,82 +57,177 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1]) if rx.std() > 0 and ry.std() > 0 else float("nan")
 
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--model", default=DEFAULT_BASE_MODEL)
-parser.add_argument("--caa", default="reports/mwe-smollm2", help="output folder of the CAA `w2s-hf eval`")
-parser.add_argument("--output", default="runs/attention-smollm2")
-parser.add_argument("--behaviors", nargs="+", default=["all"])
-parser.add_argument("--effect-items", type=int, default=16)
-args = parser.parse_args()
+def train_items(tokenizer, behavior: str, caa: dict) -> list:
+    fit = caa["fit"]
+    return build_items(split_dataset(load_behavior(behavior, fit["data_dir"]), seed=fit["seed"])["train"],
+                       caa["protocol"], tokenizer, behavior_info(behavior, fit["data_dir"]), limit=fit["max_train"])
 
-model, tokenizer = load_base_model(args.model), load_tokenizer(args.model)
-output = Path(args.output)
-rows, start = {}, time.time()
-for behavior in list_behaviors() if args.behaviors == ["all"] else args.behaviors:
-    caa_path = Path(args.caa) / "bundles" / behavior / "report.json"
-    if not caa_path.is_file():
-        print(f"skip {behavior}: no CAA report at {caa_path}")
-        continue
-    caa = json.loads(caa_path.read_text())
-    fit = {**caa["fit"], "extraction": "attention", "relevance_prune": None}
-    began = time.time()
-    _, att = fit_bundle(model, tokenizer, FitConfig(**fit), output / "bundles" / behavior)
-    swept = caa["fit"]["layers"] or list(range(len(caa["train"]["mean_steerability_per_layer"])))
-    train = build_items(split_dataset(load_behavior(behavior, fit["data_dir"]), seed=fit["seed"])["train"],
-                        caa["protocol"], tokenizer, behavior_info(behavior, fit["data_dir"]), limit=fit["max_train"])
+
+def relevance_part(model, tokenizer, behavior: str, caa: dict, effect_items: int) -> dict:
+    """Layer relevance from attention-guided and from answer-token features, and its rank correlation
+    with the CAA sweep's per-layer mean train steerability."""
+    fit = caa["fit"]
+    swept = fit["layers"] or list(range(len(caa["train"]["mean_steerability_per_layer"])))
+    train = train_items(tokenizer, behavior, caa)
     relevance = {}
     for name, read_mix in (("attention", 0.0), ("caa", 1.0)):
         features = attention_features(model, train, tokenizer.pad_token_id, read_mix=read_mix,
-                                      batch_size=fit["batch_size"])
+                                      batch_size=fit["batch_size"], progress=False)
         relevance[name] = layer_relevance(model, train, tokenizer.pad_token_id, features=features, layers=swept,
-                                          effect_items=args.effect_items, batch_size=fit["batch_size"])
+                                          effect_items=effect_items, batch_size=fit["batch_size"], progress=False)
     curve = caa["train"]["mean_steerability_per_layer"]  # the cached CAA sweep, same layers as `swept`
-    c, a = caa["test"]["BASE"], att["test"]["BASE"]
-    rows[behavior] = {
-        "protocol": caa["protocol"],
-        "caa_fixed": c["fixed"], "attention_fixed": a["fixed"],
-        "caa_w2s": c["w2s_bundle"], "attention_w2s": a["w2s_bundle"],
-        "caa_oracle": c["oracle"], "attention_oracle": a["oracle"],
-        "layers": swept,
-        "caa_train_curve": curve, "attention_train_curve": att["train"]["mean_steerability_per_layer"],
+    best = swept[int(np.argmax(curve))]
+    return {
+        "protocol": caa["protocol"], "layers": swept, "caa_train_curve": curve, "caa_best_layer": best,
         "relevance": {name: r.to_dict() for name, r in relevance.items()},
+        "top1": {name: r.top(1)[0] for name, r in relevance.items()},
         "spearman": {
-            "relevance(caa feats) vs caa sweep": spearman(relevance["caa"].score, curve),
-            "separation(caa feats) vs caa sweep": spearman(relevance["caa"].separation, curve),
-            "effect(caa feats) vs caa sweep": spearman(relevance["caa"].effect, curve),
             "relevance(attn feats) vs caa sweep": spearman(relevance["attention"].score, curve),
-            "relevance(attn feats) vs attn sweep": spearman(relevance["attention"].score,
-                                                            att["train"]["mean_steerability_per_layer"]),
+            "relevance(caa feats) vs caa sweep": spearman(relevance["caa"].score, curve),
+            "separation(attn feats) vs caa sweep": spearman(relevance["attention"].separation, curve),
+            "effect(attn feats) vs caa sweep": spearman(relevance["attention"].effect, curve),
         },
-        "seconds": time.time() - began,
     }
-    print(behavior, json.dumps({k: rows[behavior][k] for k in ("caa_fixed", "attention_fixed", "spearman")}),
-          flush=True)
 
-lines = ["| behavior | protocol | CAA fixed (layer) | attn fixed (layer) | CAA W2S | attn W2S | "
-         "ρ rel(CAA)~sweep | ρ sep~sweep | ρ eff~sweep | ρ rel(attn)~sweep |", "|" + "---|" * 10]
-for name, r in rows.items():
-    s = r["spearman"]
-    lines.append(
-        f"| {name} | {r['protocol']} | {r['caa_fixed']['steerability']:.3f} ({r['caa_fixed']['layer']}) | "
-        f"{r['attention_fixed']['steerability']:.3f} ({r['attention_fixed']['layer']}) | "
-        f"{r['caa_w2s']['steerability']:.3f} | {r['attention_w2s']['steerability']:.3f} | "
-        f"{s['relevance(caa feats) vs caa sweep']:.2f} | {s['separation(caa feats) vs caa sweep']:.2f} | "
-        f"{s['effect(caa feats) vs caa sweep']:.2f} | {s['relevance(attn feats) vs caa sweep']:.2f} |")
-if rows:
-    def mean(key: str, field: str) -> float:
-        return float(np.mean([r[key][field] for r in rows.values()]))
 
-    lines.append(
-        f"| **mean** | | {mean('caa_fixed', 'steerability'):.3f} | {mean('attention_fixed', 'steerability'):.3f} | "
-        f"{mean('caa_w2s', 'steerability'):.3f} | {mean('attention_w2s', 'steerability'):.3f} | "
-        + " | ".join(f"{np.nanmean([r['spearman'][k] for r in rows.values()]):.2f}" for k in (
-            "relevance(caa feats) vs caa sweep", "separation(caa feats) vs caa sweep",
-            "effect(caa feats) vs caa sweep", "relevance(attn feats) vs caa sweep")) + " |")
-    wins = sum(r["attention_fixed"]["steerability"] > r["caa_fixed"]["steerability"] for r in rows.values())
-    lines.append(f"\nAttention-guided beats answer-token CAA at the fixed layer on {wins}/{len(rows)} behaviors; "
-                 f"total {(time.time() - start) / 60:.1f} min.")
-output.mkdir(parents=True, exist_ok=True)
-(output / "attention_vs_caa.json").write_text(json.dumps(rows, indent=2))
-(output / "attention_vs_caa.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
+def vectors_part(model, tokenizer, behavior: str, caa: dict, folder: Path) -> dict:
+    """Test steerability of attention-guided vs CAA vectors at the CAA eval's fixed layer and W2S choices."""
+    fit = caa["fit"]
+    pad_id = tokenizer.pad_token_id
+    attention = attention_features(model, train_items(tokenizer, behavior, caa), pad_id, read_mix=0.0,
+                                   batch_size=fit["batch_size"], progress=False).mean_difference()
+    bundle = SteeringBundle.load(folder)
+    encoder = encoder_from_spec(bundle.config.encoder, model, tokenizer) if bundle.config.predictor is not None else None
+    test = build_items(split_dataset(load_behavior(behavior, fit["data_dir"]), seed=fit["seed"])["test"],
+                       caa["protocol"], tokenizer, behavior_info(behavior, fit["data_dir"]), limit=fit["max_eval"])
+    fixed = [int(bundle.config.fixed_layer)] * len(test)
+    policies = {"fixed": fixed, "w2s": routed_layers(bundle, encoder, tokenizer, test) if encoder else fixed}
+    engine, base, result = SteeringEngine(model), None, {"n": len(test)}
+    common = dict(multipliers=fit["multipliers"], batch_size=fit["batch_size"], policy=fit["position_policy"])
+    zero = list(fit["multipliers"]).index(0.0)
+    for policy, layers in policies.items():
+        for name, vectors in (("caa", bundle.steering_vectors), ("attention", attention)):
+            scored = steerability_at(model, engine, test, layers, vectors[layers], pad_id,
+                                     base=base, **common)
+            base = scored["propensity"][:, zero]
+            result[f"{name}_{policy}"] = summarize(scored["steerability"])
+    result["w2s_router"] = encoder is not None
+    return result
+
+
+def sweep_part(model, tokenizer, behavior: str, caa: dict, output: Path) -> dict:
+    """The eval's fit with attention-guided vectors (same FitConfig, only the extraction differs)."""
+    fit = {**caa["fit"], "extraction": "attention", "relevance_prune": None}
+    _, att = fit_bundle(model, tokenizer, FitConfig(**fit), output / "bundles" / behavior)
+    c, a = caa["test"]["BASE"], att["test"]["BASE"]
+    return {"caa_fixed": c["fixed"], "attention_fixed": a["fixed"], "caa_w2s": c["w2s_bundle"],
+            "attention_w2s": a["w2s_bundle"], "caa_oracle": c["oracle"], "attention_oracle": a["oracle"],
+            "attention_train_curve": att["train"]["mean_steerability_per_layer"]}
+
+
+CORRELATIONS = ("relevance(attn feats) vs caa sweep", "relevance(caa feats) vs caa sweep",
+                "separation(attn feats) vs caa sweep", "effect(attn feats) vs caa sweep")
+
+
+def write_report(rows: dict, output: Path, command: str) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "attention_vs_caa.json").write_text(json.dumps(rows, indent=2))
+    lines = ["# Attention-guided features vs answer-token CAA (SmolLM2-135M-Instruct)", "",
+             f"Command: `{command}`. Settings per behavior: the CAA eval's FitConfig (`reports/mwe-smollm2`); "
+             "only the extraction differs. Steerability on the test split (BASE prompts).", "",
+             "## Does layer relevance predict the sweep's best layers?", "",
+             "Spearman ρ over the swept layers between a relevance score and the CAA sweep's mean train "
+             "steerability per layer; top-1: the most relevant layer vs the sweep's best layer.", "",
+             "| behavior | protocol | ρ relevance (attn) | ρ relevance (CAA feats) | ρ separation (attn) | "
+             "ρ effect (attn) | top-1 attn / CAA feats / sweep best |", "|" + "---|" * 7]
+    for name, r in rows.items():
+        s = r["spearman"]
+        lines.append(f"| {name} | {r['protocol']} | " + " | ".join(f"{s[k]:+.2f}" for k in CORRELATIONS)
+                     + f" | {r['top1']['attention']} / {r['top1']['caa']} / {r['caa_best_layer']} |")
+    if rows:
+        lines.append("| **mean** | | " + " | ".join(
+            f"{np.nanmean([r['spearman'][k] for r in rows.values()]):+.2f}" for k in CORRELATIONS) + " | |")
+    scored = {name: r for name, r in rows.items() if "vectors" in r}
+    lines += ["", "## Attention-guided vs answer-token CAA vectors at the same layers", "",
+              "Test split; both vectors steered at the CAA eval's fixed layer and at its bundle's per-prompt "
+              "W2S layer (where the eval's CV chose no router, W2S is the fixed layer). Steerability (prop. "
+              "steerable).", ""]
+    if scored:
+        lines += ["| behavior | n | CAA fixed | attn fixed | CAA W2S | attn W2S |", "|---|---:|---:|---:|---:|---:|"]
+        for name, r in scored.items():
+            v = r["vectors"]
+            lines.append(f"| {name} | {v['n']} | " + " | ".join(
+                f"{v[k]['steerability']:+.3f} ({v[k]['prop_steerable']:.2f})"
+                for k in ("caa_fixed", "attention_fixed", "caa_w2s", "attention_w2s")) + " |")
+        lines.append("| **mean** | | " + " | ".join(
+            f"{np.mean([r['vectors'][k]['steerability'] for r in scored.values()]):+.3f} "
+            f"({np.mean([r['vectors'][k]['prop_steerable'] for r in scored.values()]):.2f})"
+            for k in ("caa_fixed", "attention_fixed", "caa_w2s", "attention_w2s")) + " |")
+        wins = sum(r["vectors"]["attention_fixed"]["steerability"] > r["vectors"]["caa_fixed"]["steerability"]
+                   for r in scored.values())
+        lines.append(f"\nAttention-guided beats CAA at the fixed layer on {wins}/{len(scored)} behaviors.")
+    swept = {name: r for name, r in rows.items() if "attention_fixed" in r}
+    lines += ["", "## Full fit with attention-guided vectors (own layer sweep and router)", ""]
+    if swept:
+        lines += ["| behavior | CAA fixed (layer) | attn fixed (layer) | CAA W2S | attn W2S | "
+                  "prop. steerable CAA / attn (fixed) |", "|" + "---|" * 6]
+        for name, r in swept.items():
+            lines.append(
+                f"| {name} | {r['caa_fixed']['steerability']:+.3f} ({r['caa_fixed']['layer']}) | "
+                f"{r['attention_fixed']['steerability']:+.3f} ({r['attention_fixed']['layer']}) | "
+                f"{r['caa_w2s']['steerability']:+.3f} | {r['attention_w2s']['steerability']:+.3f} | "
+                f"{r['caa_fixed']['prop_steerable']:.2f} / {r['attention_fixed']['prop_steerable']:.2f} |")
+        wins = sum(r["attention_fixed"]["steerability"] > r["caa_fixed"]["steerability"] for r in swept.values())
+        lines.append(f"\nAttention-guided beats answer-token CAA at the fixed layer on {wins}/{len(swept)} "
+                     "behaviors measured.")
+    missing = [name for name in rows if name not in swept]
+    if missing:
+        lines.append(f"\nNo full attention-guided fit (CPU time): {', '.join(missing)}.")
+    (output / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_BASE_MODEL)
+    parser.add_argument("--caa", default="reports/mwe-smollm2", help="output folder of the CAA `w2s-hf eval`")
+    parser.add_argument("--output", default="reports/attention-smollm2")
+    parser.add_argument("--behaviors", nargs="+", default=["all"], help="behaviors for the relevance part")
+    parser.add_argument("--sweep-behaviors", nargs="*", default=None,
+                        help="behaviors also fitted with attention-guided vectors (default: all of --behaviors)")
+    parser.add_argument("--effect-items", type=int, default=16)
+    args = parser.parse_args()
+    model, tokenizer = load_base_model(args.model), load_tokenizer(args.model)
+    output = Path(args.output)
+    saved = output / "attention_vs_caa.json"
+    rows = json.loads(saved.read_text()) if saved.is_file() else {}
+    behaviors = list_behaviors() if args.behaviors == ["all"] else args.behaviors
+    sweep = behaviors if args.sweep_behaviors is None else args.sweep_behaviors
+    command = "python " + shlex.join(sys.argv)
+    for behavior in behaviors:
+        caa_path = Path(args.caa) / "bundles" / behavior / "report.json"
+        if not caa_path.is_file():
+            print(f"skip {behavior}: no CAA report at {caa_path}")
+            continue
+        caa = json.loads(caa_path.read_text())
+        row = rows.setdefault(behavior, {})
+        began = time.time()
+        if "spearman" not in row:
+            row.update(relevance_part(model, tokenizer, behavior, caa, args.effect_items))
+            row["relevance_seconds"] = time.time() - began
+            write_report(rows, output, command)
+        if "vectors" not in row:
+            began = time.time()
+            row["vectors"] = vectors_part(model, tokenizer, behavior, caa, caa_path.parent)
+            row["vectors_seconds"] = time.time() - began
+            write_report(rows, output, command)
+        if behavior in sweep and "attention_fixed" not in row:
+            began = time.time()
+            row.update(sweep_part(model, tokenizer, behavior, caa, output))
+            row["sweep_seconds"] = time.time() - began
+            write_report(rows, output, command)
+        print(behavior, json.dumps({k: row[k] for k in ("spearman", "top1", "caa_best_layer")}), flush=True)
+    write_report(rows, output, command)
+
+
+if __name__ == "__main__":
+    main()
