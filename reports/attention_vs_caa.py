@@ -32,17 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from l2s_table import routed_layers
+from l2s_table import routed_layers  # the sibling report script (same folder)
 from w2s_hf.attention_features import attention_features, layer_relevance
 from w2s_hf.bundle import SteeringBundle
+from w2s_hf.data import behavior_info, list_behaviors, load_behavior, split_dataset
+from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
 from w2s_hf.encoders import encoder_from_spec
 from w2s_hf.metrics import summarize
 from w2s_hf.steering import SteeringEngine
 from w2s_hf.sweep import steerability_at
-from w2s_hf.data import behavior_info, list_behaviors, load_behavior, split_dataset
-from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
 from w2s_hf.train import FitConfig, build_items, fit_bundle
-
 
 def spearman(x, y) -> float:
     def ranks(values):
@@ -57,10 +56,12 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1]) if rx.std() > 0 and ry.std() > 0 else float("nan")
 
 
-def train_items(tokenizer, behavior: str, caa: dict) -> list:
+def split_items(tokenizer, behavior: str, caa: dict, split: str) -> list:
+    """The eval's items of one split (`train` capped at its max_train, `test` at its max_eval)."""
     fit = caa["fit"]
-    return build_items(split_dataset(load_behavior(behavior, fit["data_dir"]), seed=fit["seed"])["train"],
-                       caa["protocol"], tokenizer, behavior_info(behavior, fit["data_dir"]), limit=fit["max_train"])
+    limit = fit["max_train"] if split == "train" else fit["max_eval"]
+    return build_items(split_dataset(load_behavior(behavior, fit["data_dir"]), seed=fit["seed"])[split],
+                       caa["protocol"], tokenizer, behavior_info(behavior, fit["data_dir"]), limit=limit)
 
 
 def relevance_part(model, tokenizer, behavior: str, caa: dict, effect_items: int) -> dict:
@@ -68,7 +69,7 @@ def relevance_part(model, tokenizer, behavior: str, caa: dict, effect_items: int
     with the CAA sweep's per-layer mean train steerability."""
     fit = caa["fit"]
     swept = fit["layers"] or list(range(len(caa["train"]["mean_steerability_per_layer"])))
-    train = train_items(tokenizer, behavior, caa)
+    train = split_items(tokenizer, behavior, caa, "train")
     relevance = {}
     for name, read_mix in (("attention", 0.0), ("caa", 1.0)):
         features = attention_features(model, train, tokenizer.pad_token_id, read_mix=read_mix,
@@ -94,12 +95,11 @@ def vectors_part(model, tokenizer, behavior: str, caa: dict, folder: Path) -> di
     """Test steerability of attention-guided vs CAA vectors at the CAA eval's fixed layer and W2S choices."""
     fit = caa["fit"]
     pad_id = tokenizer.pad_token_id
-    attention = attention_features(model, train_items(tokenizer, behavior, caa), pad_id, read_mix=0.0,
+    attention = attention_features(model, split_items(tokenizer, behavior, caa, "train"), pad_id, read_mix=0.0,
                                    batch_size=fit["batch_size"], progress=False).mean_difference()
     bundle = SteeringBundle.load(folder)
     encoder = encoder_from_spec(bundle.config.encoder, model, tokenizer) if bundle.config.predictor is not None else None
-    test = build_items(split_dataset(load_behavior(behavior, fit["data_dir"]), seed=fit["seed"])["test"],
-                       caa["protocol"], tokenizer, behavior_info(behavior, fit["data_dir"]), limit=fit["max_eval"])
+    test = split_items(tokenizer, behavior, caa, "test")
     fixed = [int(bundle.config.fixed_layer)] * len(test)
     policies = {"fixed": fixed, "w2s": routed_layers(bundle, encoder, tokenizer, test) if encoder else fixed}
     engine, base, result = SteeringEngine(model), None, {"n": len(test)}
