@@ -149,38 +149,43 @@ def run_behavior(model, tokenizer, behavior: str, args, previous: dict | None = 
         known = {}
         if earlier is not None and earlier["layers"] == list(layers) and len(earlier["per_item_propensity"][0]) == len(items):
             known = {s["strength"]: (s, row) for s, row in zip(earlier["settings"], earlier["per_item_propensity"])}
-        missing = [float(s) for s in grid if float(s) not in known]
+        missing = [s for s in grid if s not in known]
         if len(missing) < len(grid):
             result.setdefault("reused_from_earlier_run", []).append(name)
         requests = [(i, layers, s) for s in missing for i in range(len(items))]
         fresh = score_propensities(model, engine, intervention, items, requests, tokenizer.pad_token_id,
                                    batch_size=args.batch_size).reshape(len(missing), len(items)) if missing else []
         rows = dict(zip(missing, fresh))
-        propensity = np.stack([np.asarray(known[float(s)][1]) if float(s) in known else rows[float(s)] for s in grid])
+        propensity = np.stack([np.asarray(known[s][1]) if s in known else rows[s] for s in grid])
         means = propensity @ weights
         selective = propensity if name == "selective" else np.asarray(result["methods"]["selective"]["per_item_propensity"])
-        zero = float(selective[list(ANGLES).index(0.0)] @ weights)
+        zero = float(selective[ANGLES.index(0.0)] @ weights)
         settings = []
         for strength, mean in zip(grid, means):
-            if float(strength) in known:
-                settings.append({**known[float(strength)][0], "delta_propensity": float(mean - zero)})
+            if strength in known:
+                settings.append({**known[strength][0], "delta_propensity": float(mean - zero)})
                 continue
-            quality = coherence(model, tokenizer, engine, intervention, layers, float(strength), args.max_new_tokens)
-            settings.append({"strength": float(strength), "mean_propensity": float(mean),
+            quality = coherence(model, tokenizer, engine, intervention, layers, strength, args.max_new_tokens)
+            settings.append({"strength": strength, "mean_propensity": float(mean),
                              "delta_propensity": float(mean - zero), **quality})
             print(f"{behavior:16s} {name:10s} {strength:+6.3f}  Δprop {mean - zero:+.3f}  ppl {quality['ppl']:7.2f}  "
                   f"degenerate {quality['degenerate']:.2f}", flush=True)
-        slope = float(np.polyfit(np.asarray(grid, dtype=float), means, 1)[0])
+        slope = float(np.polyfit(np.asarray(grid), means, 1)[0])
         result["methods"][name] = {"layers": list(layers), "slope_per_unit": slope, "settings": settings,
                                    "per_item_propensity": propensity.tolist()}
     return result
+
+
+def steered_settings(name: str, method: dict) -> list[dict]:
+    """A method's settings other than the identity (θ = 0 / multiplier 0; `angular` has no identity)."""
+    return [s for s in method["settings"] if s["strength"] != 0 or name == "angular"]
 
 
 def matched_rows(result: dict) -> list[tuple[str, float, float, float]]:
     """Per method: the setting with the largest |Δ propensity| whose continuations are not mostly degenerate."""
     rows = []
     for name, method in result["methods"].items():
-        usable = [s for s in method["settings"] if (s["strength"] != 0 or name == "angular") and s["degenerate"] < 0.5]
+        usable = [s for s in steered_settings(name, method) if s["degenerate"] < 0.5]
         if usable:
             best = max(usable, key=lambda s: abs(s["delta_propensity"]))
             rows.append((name, best["strength"], best["delta_propensity"], best["ppl"]))
@@ -223,7 +228,7 @@ def summary_lines(results: dict) -> list[str]:
              "|---|---|---:|---:|---:|---:|"]
     for behavior, result in results.items():
         for name, method in result.get("methods", {}).items():
-            steered = [s for s in method["settings"] if s["strength"] != 0 or name == "angular"]
+            steered = steered_settings(name, method)
             deltas = [s["delta_propensity"] for s in steered]
             lines.append(f"| {behavior} | {name} | {method['slope_per_unit']:+.3f} | {min(deltas):+.3f} / "
                          f"{max(deltas):+.3f} | {max(s['ppl'] for s in steered):.1f} | "
@@ -232,9 +237,12 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def write_markdown(results: dict, output: Path, header: str) -> None:
+    unsteered = [s for r in results.values() for s in r.get("methods", {}).get("selective", {}).get("settings", [])
+                 if s["strength"] == 0]
+    baseline = (f"Unsteered: median perplexity {unsteered[0]['ppl']:.2f}, degenerate fraction "
+                f"{unsteered[0]['degenerate']:.2f}. " if unsteered else "")
     lines = [header, "", "## Summary", "", *summary_lines(results), "",
-             "Unsteered: median perplexity 2.11, no degenerate continuation. Slopes: per radian for rotations "
-             "(θ absolute for `angular`), per unit multiplier for CAA.", "",
+             baseline + "Slopes: per radian for rotations (θ absolute for `angular`), per unit multiplier for CAA.", "",
              "## Effect and coherence per setting", ""]
     for behavior, result in results.items():
         if "error" in result:
