@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from l2s_table import routed_layers  # the sibling report script (same folder)
-from w2s_hf.attention_features import attention_features, layer_relevance
+from w2s_hf.attention_features import ReadFeatures, attention_features, layer_relevance
 from w2s_hf.bundle import SteeringBundle
 from w2s_hf.data import behavior_info, list_behaviors, load_behavior, split_dataset
 from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
@@ -42,6 +43,7 @@ from w2s_hf.metrics import summarize
 from w2s_hf.steering import SteeringEngine
 from w2s_hf.sweep import steerability_at
 from w2s_hf.train import FitConfig, build_items, fit_bundle
+
 
 def spearman(x, y) -> float:
     def ranks(values):
@@ -64,18 +66,16 @@ def split_items(tokenizer, behavior: str, caa: dict, split: str) -> list:
                        caa["protocol"], tokenizer, behavior_info(behavior, fit["data_dir"]), limit=limit)
 
 
-def relevance_part(model, tokenizer, behavior: str, caa: dict, effect_items: int) -> dict:
-    """Layer relevance from attention-guided and from answer-token features, and its rank correlation
-    with the CAA sweep's per-layer mean train steerability."""
+def relevance_part(model, tokenizer, caa: dict, train: list, attention: ReadFeatures, effect_items: int) -> dict:
+    """Layer relevance from attention-guided (`attention`) and from answer-token features of the train
+    items, and its rank correlation with the CAA sweep's per-layer mean train steerability."""
     fit = caa["fit"]
     swept = fit["layers"] or list(range(len(caa["train"]["mean_steerability_per_layer"])))
-    train = split_items(tokenizer, behavior, caa, "train")
-    relevance = {}
-    for name, read_mix in (("attention", 0.0), ("caa", 1.0)):
-        features = attention_features(model, train, tokenizer.pad_token_id, read_mix=read_mix,
+    answer_token = attention_features(model, train, tokenizer.pad_token_id, read_mix=1.0,
                                       batch_size=fit["batch_size"], progress=False)
-        relevance[name] = layer_relevance(model, train, tokenizer.pad_token_id, features=features, layers=swept,
-                                          effect_items=effect_items, batch_size=fit["batch_size"], progress=False)
+    relevance = {name: layer_relevance(model, train, tokenizer.pad_token_id, features=features, layers=swept,
+                                       effect_items=effect_items, batch_size=fit["batch_size"], progress=False)
+                 for name, features in (("attention", attention), ("caa", answer_token))}
     curve = caa["train"]["mean_steerability_per_layer"]  # the cached CAA sweep, same layers as `swept`
     best = swept[int(np.argmax(curve))]
     return {
@@ -91,12 +91,11 @@ def relevance_part(model, tokenizer, behavior: str, caa: dict, effect_items: int
     }
 
 
-def vectors_part(model, tokenizer, behavior: str, caa: dict, folder: Path) -> dict:
-    """Test steerability of attention-guided vs CAA vectors at the CAA eval's fixed layer and W2S choices."""
+def vectors_part(model, tokenizer, behavior: str, caa: dict, folder: Path, attention: torch.Tensor) -> dict:
+    """Test steerability of attention-guided (`attention`, `[num_layers, hidden]`) vs CAA vectors at the CAA
+    eval's fixed layer and W2S choices."""
     fit = caa["fit"]
     pad_id = tokenizer.pad_token_id
-    attention = attention_features(model, split_items(tokenizer, behavior, caa, "train"), pad_id, read_mix=0.0,
-                                   batch_size=fit["batch_size"], progress=False).mean_difference()
     bundle = SteeringBundle.load(folder)
     encoder = encoder_from_spec(bundle.config.encoder, model, tokenizer) if bundle.config.predictor is not None else None
     test = split_items(tokenizer, behavior, caa, "test")
@@ -211,13 +210,17 @@ def main() -> None:
         caa = json.loads(caa_path.read_text())
         row = rows.setdefault(behavior, {})
         began = time.time()
+        if "spearman" not in row or "vectors" not in row:  # both parts use the attention-guided train features
+            train = split_items(tokenizer, behavior, caa, "train")
+            attention = attention_features(model, train, tokenizer.pad_token_id, read_mix=0.0,
+                                           batch_size=caa["fit"]["batch_size"], progress=False)
         if "spearman" not in row:
-            row.update(relevance_part(model, tokenizer, behavior, caa, args.effect_items))
+            row.update(relevance_part(model, tokenizer, caa, train, attention, args.effect_items))
             row["relevance_seconds"] = time.time() - began
             write_report(rows, output, command)
         if "vectors" not in row:
             began = time.time()
-            row["vectors"] = vectors_part(model, tokenizer, behavior, caa, caa_path.parent)
+            row["vectors"] = vectors_part(model, tokenizer, behavior, caa, caa_path.parent, attention.mean_difference())
             row["vectors_seconds"] = time.time() - began
             write_report(rows, output, command)
         if behavior in sweep and "attention_fixed" not in row:
