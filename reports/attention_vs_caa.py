@@ -168,17 +168,27 @@ def write_report(rows: dict, output: Path, command: str) -> None:
     swept = {name: r for name, r in rows.items() if "attention_fixed" in r}
     lines += ["", "## Full fit with attention-guided vectors (own layer sweep and router)", ""]
     if swept:
-        lines += ["| behavior | CAA fixed (layer) | attn fixed (layer) | CAA W2S | attn W2S | "
-                  "prop. steerable CAA / attn (fixed) |", "|" + "---|" * 6]
+        lines += ["Each vector set fitted as the CAA eval was (same FitConfig): its own best fixed layer, its own "
+                  "router (MiniLM) trained on its own sweep's labels. Oracle: each test item at its best swept layer.", "",
+                  "| behavior | CAA fixed (layer) | attn fixed (layer) | CAA W2S | attn W2S (routed layers: items) | "
+                  "CAA oracle | attn oracle | prop. steerable CAA / attn (fixed) |", "|" + "---|" * 8]
         for name, r in swept.items():
+            routed = r["attention_w2s"].get("layer_histogram")
+            routes = ", ".join(f"{layer}: {count}" for layer, count in routed.items()) if routed else "no router"
             lines.append(
                 f"| {name} | {r['caa_fixed']['steerability']:+.3f} ({r['caa_fixed']['layer']}) | "
                 f"{r['attention_fixed']['steerability']:+.3f} ({r['attention_fixed']['layer']}) | "
-                f"{r['caa_w2s']['steerability']:+.3f} | {r['attention_w2s']['steerability']:+.3f} | "
+                f"{r['caa_w2s']['steerability']:+.3f} | {r['attention_w2s']['steerability']:+.3f} ({routes}) | "
+                f"{r['caa_oracle']['steerability']:+.3f} | {r['attention_oracle']['steerability']:+.3f} | "
                 f"{r['caa_fixed']['prop_steerable']:.2f} / {r['attention_fixed']['prop_steerable']:.2f} |")
+        keys = ("caa_fixed", "attention_fixed", "caa_w2s", "attention_w2s", "caa_oracle", "attention_oracle")
+        means = {key: np.mean([r[key]["steerability"] for r in swept.values()]) for key in keys}
+        lines.append("| **mean** | " + " | ".join(f"{means[key]:+.3f}" for key in keys) + " | " + " / ".join(
+            f"{np.mean([r[key]['prop_steerable'] for r in swept.values()]):.2f}" for key in keys[:2]) + " |")
         wins = sum(r["attention_fixed"]["steerability"] > r["caa_fixed"]["steerability"] for r in swept.values())
-        lines.append(f"\nAttention-guided beats answer-token CAA at the fixed layer on {wins}/{len(swept)} "
-                     "behaviors measured.")
+        w2s_wins = sum(r["attention_w2s"]["steerability"] > r["caa_w2s"]["steerability"] for r in swept.values())
+        lines.append(f"\nAttention-guided beats answer-token CAA at the fixed layer on {wins}/{len(swept)} behaviors "
+                     f"measured, and with W2S on {w2s_wins}/{len(swept)}.")
     missing = [name for name in rows if name not in swept]
     if missing:
         lines.append(f"\nNo full attention-guided fit (CPU time): {', '.join(missing)}.")
@@ -194,8 +204,9 @@ def main() -> None:
     parser.add_argument("--sweep-behaviors", nargs="*", default=None,
                         help="behaviors also fitted with attention-guided vectors (default: all of --behaviors)")
     parser.add_argument("--effect-items", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    model, tokenizer = load_base_model(args.model), load_tokenizer(args.model)
+    model, tokenizer = load_base_model(args.model).to(args.device), load_tokenizer(args.model)
     output = Path(args.output)
     saved = output / "attention_vs_caa.json"
     rows = json.loads(saved.read_text()) if saved.is_file() else {}
