@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import NUM_LAYERS, make_model, make_tokenizer
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
 from w2s_hf.data import BehaviorInfo
 from w2s_hf.metrics import steerability
 from w2s_hf.protocols import build_item
 from w2s_hf.steering import AdditiveIntervention, SteeringEngine
-from w2s_hf.sweep import caa_vectors, layer_sweep, pad_batch, score_propensities
+from w2s_hf.sweep import caa_vectors, layer_sweep, pad_batch, score_propensities, scored_logits
 
 INFO = BehaviorInfo("toy", "persona (Yes/No statement)", "You like tea.", "You do not like tea.")
 STATEMENTS = ["I like tea", "Tea is great", "I dislike tea", "Coffee is better", "Tea every day", "No tea"]
@@ -60,6 +62,60 @@ def test_fast_sweep_equals_naive_loop(family, protocol):
     np.testing.assert_allclose(fast["propensity"], naive, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fast["steerability"], steerability(multipliers, naive), rtol=1e-4, atol=1e-4)
     assert np.abs(fast["steerability"]).max() > 0, "random vectors must move the propensity"
+
+
+def full_logits_propensity(model, item) -> float:
+    """Oracle: the item's propensity from every position's logits, one unpadded sequence at a time."""
+    total = 0.0
+    for sequence in item.sequences:
+        if sequence.sign == 0:
+            continue
+        ids = torch.tensor([sequence.input_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float()
+        start, end = sequence.span
+        if sequence.kind == "logit_diff":
+            score = logits[start - 1, sequence.tokens[0]] - logits[start - 1, sequence.tokens[1]]
+        else:
+            log_probs = torch.log_softmax(logits[start - 1 : end - 1], -1)
+            score = log_probs.gather(-1, ids[0, start:end, None]).mean()
+        total += sequence.sign * float(score)
+    return total
+
+
+class NoLogitsToKeep(nn.Module):
+    """A causal LM whose forward has no `logits_to_keep` (custom or older models)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("wrapper", ["plain", "peft", "no_logits_to_keep"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("protocol", ["statement", "answer", "ab"])
+def test_scored_positions_give_the_full_logits_propensity(family, protocol, wrapper):
+    model, tokenizer = make_model(family), make_tokenizer()
+    examples = toy_answer_examples() if protocol == "answer" else toy_examples()
+    items = [build_item(e, protocol, tokenizer, INFO) for e in examples]
+    if wrapper == "peft":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    scorer = NoLogitsToKeep(model) if wrapper == "no_logits_to_keep" else model
+    rows = [seq for item in items for seq in item.sequences if seq.sign != 0]
+    ids, mask = pad_batch([seq.input_ids for seq in rows], 0)
+    with torch.no_grad():
+        logits, column = scored_logits(scorer, ids, mask, rows)
+    kept = int((column >= 0).sum())
+    assert logits.shape[1] == (ids.shape[1] if wrapper == "no_logits_to_keep" else kept) and kept <= ids.shape[1]
+    if wrapper != "no_logits_to_keep" and protocol != "statement":
+        assert kept < ids.shape[1], "a one-token answer reads one position per row, not the whole sequence"
+    propensity = score_propensities(scorer, SteeringEngine(model), None, items,
+                                    [(i, None, 0.0) for i in range(len(items))], 0, batch_size=4)
+    oracle = [full_logits_propensity(model, item) for item in items]
+    np.testing.assert_allclose(propensity, oracle, rtol=1e-4, atol=1e-4)
 
 
 def test_caa_vectors_equal_mean_difference_of_block_outputs():
@@ -134,6 +190,8 @@ DATA_PARALLEL_SCRIPT = """
 import sys, numpy as np, torch
 sys.path.insert(0, {tests!r})
 from conftest import NUM_LAYERS, make_model, make_tokenizer
+from peft import LoraConfig, get_peft_model
+from torch import nn
 from test_sweep import INFO, toy_examples
 from w2s_hf.protocols import build_item
 from w2s_hf.sweep import data_parallel_layer_sweep

@@ -10,6 +10,7 @@ stopped and recomputes nothing it had finished.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -114,16 +115,58 @@ def caa_vectors(
     return positive - negative
 
 
-def _score_rows(logits: torch.Tensor, rows: Sequence, ids: torch.Tensor) -> torch.Tensor:
-    """Scores of each row's sequence from its logits (mean log-prob of a span, or a logit difference)."""
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM (or the model a PEFT wrapper forwards to) takes `logits_to_keep`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def scored_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                  rows: Sequence[ScoredSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions the rows' scores read, and the column of each position in them.
+
+    Only the positions some row reads (the one before each scored token) are projected onto the
+    vocabulary, through transformers' `logits_to_keep`: the language-model head and the
+    log-softmax are a large part of a small model's forward (SmolLM2-135M: a 49k vocabulary over a
+    576-wide state), and the scored span is a fraction of each sequence. Models without
+    `logits_to_keep` return every position (`column` is then the identity).
+
+    Returns:
+        `(logits [batch, kept, vocab], column [width])` with `column[p]` the index of position `p`
+        in `logits` (`-1` where not kept).
+
+    Example:
+
+    ```python
+    >>> logits, column = scored_logits(model, ids, mask, [seq for item in items for seq in item.sequences])
+    >>> next_token_logits = logits[0, column[start - 1]]  # the logits that predict token `start` of row 0
+    ```
+    """
+    width = ids.shape[1]
+    if not _accepts_logits_to_keep(model):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return logits, torch.arange(width)
+    needed = torch.zeros(width, dtype=torch.bool)
+    for sequence in rows:
+        start, end = sequence.span
+        needed[start - 1 : (start if sequence.kind == "logit_diff" else end - 1)] = True
+    keep = needed.nonzero().squeeze(1)
+    column = torch.full((width,), -1, dtype=torch.long)
+    column[keep] = torch.arange(len(keep))
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep.to(ids.device)).logits
+    return logits, column
+
+
+def _score_rows(logits: torch.Tensor, column: torch.Tensor, rows: Sequence, ids: torch.Tensor) -> torch.Tensor:
+    """Scores of each row's sequence (mean log-prob of a span, or a logit difference) from `scored_logits`."""
     scores = torch.empty(len(rows))
     for row, sequence in enumerate(rows):
         start, end = sequence.span
         if sequence.kind == "logit_diff":
-            position_logits = logits[row, start - 1].float()
+            position_logits = logits[row, column[start - 1]].float()
             scores[row] = position_logits[sequence.tokens[0]] - position_logits[sequence.tokens[1]]
         else:
-            log_probs = torch.log_softmax(logits[row, start - 1 : end - 1].float(), -1)
+            log_probs = torch.log_softmax(logits[row, column[start - 1 : end - 1].to(logits.device)].float(), -1)
             scores[row] = log_probs.gather(-1, ids[row, start:end, None].to(log_probs.device)).mean()
     return scores
 
@@ -165,15 +208,16 @@ def score_propensities(
         ids, mask = pad_batch([seq.input_ids for _, seq in chunk], pad_id)
         layers = [requests[i][1] for i, _ in chunk]
         strengths = [0.0 if requests[i][1] is None else requests[i][2] for i, _ in chunk]
+        sequences = [seq for _, seq in chunk]
         steered = intervention is not None and any(layer is not None for layer in layers)
         if steered:
             vectors = None if row_vectors is None else row_vectors[[i for i, _ in chunk]]
             route = SteeringRoute.from_layers(layers, strengths, engine.num_layers, row_vectors=vectors)
             with engine.steer(intervention, route, policy):
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+                logits, column = scored_logits(model, ids.to(device), mask.to(device), sequences)
         else:
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        scores = _score_rows(logits, [seq for _, seq in chunk], ids)
+            logits, column = scored_logits(model, ids.to(device), mask.to(device), sequences)
+        scores = _score_rows(logits, column, sequences, ids)
         for (index, sequence), score in zip(chunk, scores.tolist()):
             propensity[index] += sequence.sign * score
     return propensity
@@ -397,14 +441,16 @@ def layer_sweep(
                 rows = _scored_rows(items, chunk)
                 ids, mask = pad_batch([seq.input_ids for _, seq in rows], pad_id)
                 ids, mask = ids.to(device), mask.to(device)
+                sequences = [seq for _, seq in rows]
                 with capture_block_outputs(model) as outputs:
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    logits, column = scored_logits(model, ids, mask, sequences)
                 recorded = list(outputs)
-                base = _accumulate(chunk, rows, _score_rows(logits, [seq for _, seq in rows], ids))
+                base = _accumulate(chunk, rows, _score_rows(logits, column, sequences, ids))
                 repeat = len(steered)
                 steered_ids, steered_mask = ids.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
                 strengths = torch.tensor(steered).repeat(len(rows))
                 steered_rows = [row for row in rows for _ in steered]
+                steered_sequences = [seq for _, seq in steered_rows]
                 for layer in missing:
                     route = SteeringRoute(
                         torch.zeros(len(steered_rows), engine.num_layers, dtype=torch.bool).index_fill_(1, torch.tensor([layer]), True),
@@ -415,8 +461,8 @@ def layer_sweep(
                     if isinstance(recorded[layer], tuple):
                         cached = (cached,)
                     with replay_prefix(engine.layers, layer, cached), engine.steer(intervention, route, policy):
-                        logits = model(input_ids=steered_ids, attention_mask=steered_mask, use_cache=False).logits
-                    scores = _score_rows(logits, [seq for _, seq in steered_rows], steered_ids).view(len(rows), repeat)
+                        logits, column = scored_logits(model, steered_ids, steered_mask, steered_sequences)
+                    scores = _score_rows(logits, column, steered_sequences, steered_ids).view(len(rows), repeat)
                     result = np.empty((len(chunk), len(multipliers)))
                     result[:, zero_columns] = base[:, None]
                     for k in range(repeat):
