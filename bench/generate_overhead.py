@@ -36,15 +36,17 @@ def synthetic_bundle(model, input_dim: int, encoder_spec: dict) -> SteeringBundl
     return SteeringBundle(config, tensors)
 
 
-def timed(function, repeats: int, sync) -> float:
-    times = []
+def timed(functions: dict, repeats: int, sync) -> dict[str, float]:
+    """Median seconds of each function; the functions take turns in every round, so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        function()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, function in functions.items():
+            sync()
+            start = time.perf_counter()
+            function()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -72,16 +74,17 @@ def main() -> None:
     for batch_size in args.batch_sizes:
         batch = tokenizer([text] * batch_size, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
         model.generate(**batch, max_new_tokens=4)  # warm-up
-        base = timed(lambda: model.generate(**batch, **kwargs), args.repeats, sync)
-        steered = timed(lambda: w2s.generate(**batch, **kwargs), args.repeats, sync)
-        steered_internal = timed(lambda: w2s_internal.generate(**batch, **kwargs), args.repeats, sync)
+        seconds = timed({"base": lambda: model.generate(**batch, **kwargs),
+                         "minilm": lambda: w2s.generate(**batch, **kwargs),
+                         "internal": lambda: w2s_internal.generate(**batch, **kwargs)}, args.repeats, sync)
+        base, steered, steered_internal = seconds["base"], seconds["minilm"], seconds["internal"]
         tokens = batch_size * args.new_tokens
         print(f"batch {batch_size:3d}: base {tokens / base:8.1f} tok/s | W2S+MiniLM {tokens / steered:8.1f} tok/s "
               f"({base / steered:.3f}x) | W2S+internal {tokens / steered_internal:8.1f} tok/s ({base / steered_internal:.3f}x)")
         ids, mask = batch["input_ids"], batch["attention_mask"]
         for name, model_ in (("MiniLM", w2s), ("internal", w2s_internal)):
-            seconds = timed(lambda: model_.predict_layers(ids, mask), max(5, args.repeats), sync)
-            print(f"           routing ({name}): {1000 * seconds / batch_size:7.2f} ms per prompt")
+            routing = timed({name: lambda: model_.predict_layers(ids, mask)}, max(5, args.repeats), sync)[name]
+            print(f"           routing ({name}): {1000 * routing / batch_size:7.2f} ms per prompt")
 
 
 if __name__ == "__main__":

@@ -282,6 +282,10 @@ class _ActiveSteering:
     router: InPassRouter | None = None  # resolves the route's layers inside the first forward pass
     attention_mask: torch.Tensor | None = None  # 2-D mask of the current forward call, for the router
     reads: dict[int, torch.Tensor] = field(default_factory=dict)  # block outputs the router reads, per prompt
+    steered: frozenset[int] = frozenset()  # layers some row is steered at (a set test per hook, no tensor op)
+
+    def __post_init__(self) -> None:
+        self.steered = frozenset(self.route.steered_layers())
 
     def read(self, index: int, hidden: torch.Tensor) -> None:
         """Keeps block `index`'s output for the router; decides once its last block has run."""
@@ -298,6 +302,7 @@ class _ActiveSteering:
         self.route = SteeringRoute.from_layers(layers.cpu(), route.strengths, route.num_layers, route.prompt_lengths,
                                                None if vectors is None else vectors.detach().float().cpu())
         self.router, self.expanded, self.reads = None, None, {}
+        self.steered = frozenset(self.route.steered_layers())
 
     def route_for(self, batch: int, device: torch.device) -> SteeringRoute:
         if batch % self.route.batch_size != 0:
@@ -451,19 +456,21 @@ class SteeringEngine:
         batch, seq_len = reference.shape[0], reference.shape[1]
         attention_mask = bound.get("attention_mask")
         active.attention_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if active.policy == "all":  # the real tokens: no position arithmetic (this runs once per generated token)
+            mask = active.attention_mask
+            active.positions = None if mask is None else mask[:, -seq_len:].to(reference.device).bool()
+            return
         positions, valid = real_positions(
             batch, seq_len, reference.device, attention_mask, _past_length(bound.get("past_key_values"))
         )
-        if active.policy == "generated":
-            route = active.route_for(batch, reference.device)
-            if route.prompt_lengths is not None:
-                prompt_lengths = route.prompt_lengths
-            elif attention_mask is not None and attention_mask.dim() == 2:
-                prompt_lengths = attention_mask.to(reference.device).long().sum(-1)
-            else:
-                prompt_lengths = positions[:, -1] + 1
-            valid = valid & (positions >= prompt_lengths[:, None] - 1)
-        active.positions = valid
+        route = active.route_for(batch, reference.device)  # policy "generated"
+        if route.prompt_lengths is not None:
+            prompt_lengths = route.prompt_lengths
+        elif attention_mask is not None and attention_mask.dim() == 2:
+            prompt_lengths = attention_mask.to(reference.device).long().sum(-1)
+        else:
+            prompt_lengths = positions[:, -1] + 1
+        active.positions = valid & (positions >= prompt_lengths[:, None] - 1)
 
     def _after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
         active: _ActiveSteering | None = getattr(self._local, "active", None)
@@ -475,15 +482,15 @@ class SteeringEngine:
             active: _ActiveSteering | None = getattr(self._local, "active", None)
             if active is not None and active.router is not None and index in active.router.reads:
                 active.read(index, block_output(output))
-            if active is None or not bool(active.route.layer_mask[:, index].any()):
+            if active is None or index not in active.steered:
                 return None
             hidden = block_output(output)
             batch, seq_len = hidden.shape[0], hidden.shape[1]
             route = active.route_for(batch, hidden.device)
+            where = route.layer_mask[:, index][:, None]  # [batch, 1]: every position of the steered rows
             positions = active.positions
-            if positions is None or positions.shape != (batch, seq_len):
-                positions = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden.device)
-            where = route.layer_mask[:, index][:, None] & positions.to(hidden.device)
+            if positions is not None and positions.shape == (batch, seq_len):
+                where = where & positions.to(hidden.device)
             steered = active.intervention.apply(hidden, index, route.strengths, route.row_vectors)
             return replace_block_output(output, torch.where(where[..., None], steered, hidden))
 
