@@ -504,7 +504,10 @@ def data_parallel_layer_sweep(model: nn.Module, items: Sequence[Item], vectors: 
     state = PartialState(cpu=_device_of(model).type == "cpu")  # gloo for CPU models, the default backend otherwise
     layer_sweep(model, items, vectors, pad_id, cache_dir=cache_dir,
                 shard=(state.process_index, state.num_processes), **kwargs)
-    state.wait_for_everyone()
+    if state.backend == "gloo":  # CPU processes: accelerate's barrier names GPU `local_process_index`, absent on a 1-GPU host
+        torch.distributed.barrier()
+    else:
+        state.wait_for_everyone()
     return layer_sweep(model, items, vectors, pad_id, cache_dir=cache_dir, **kwargs)
 
 
