@@ -14,8 +14,9 @@ reusing its fit config, splits and bundle (CAA vectors, fixed layer, W2S router)
    router), L2S fixed, L2S + W2S (the same routed layers, each row with its L2S vector) and the
    oracle vectors at the L2S fixed layer, all scored the same way (`steerability_at`).
 
-Persona behaviors use the `statement` protocol (one persona statement per item, no paired answers),
-so they have no oracle vectors and no L2S: they are listed as skipped. The eval's BASE numbers are
+Persona behaviors evaluated with the `statement` protocol (one persona statement per item, no paired
+answers) have no oracle vectors and no L2S: they are listed as skipped. Evaluated with `--protocol
+answer` (the MWE question answered "Yes" or "No"), they have a pair and run like the others. The eval's BASE numbers are
 kept next to ours as a check (same policies; ours re-score only the needed layer per item).
 
 Writes `README.md`, `l2s_table.json` and, per behavior, `<behavior>/result.json` (a finished behavior
@@ -179,8 +180,8 @@ def write_report(results: dict, output: Path, variants: list[str], command: str,
               "by validation MSE (appendix D.3). One context layer serves every steering layer.",
               "- W2S rows use the eval bundle's router as it was trained (on CAA sweep labels); where the eval's CV "
               "chose no router, W2S is its fixed layer, as in the eval's own `w2s_bundle` row.",
-              "- Persona behaviors (statement protocol) have no positive/negative answer pair per item, so no oracle "
-              "vectors and no L2S."]
+              "- Persona behaviors under the statement protocol have no positive/negative answer pair per item, so no "
+              "oracle vectors and no L2S; under `w2s-hf eval --protocol answer` (Yes/No answers) they have one."]
     (output / "README.md").write_text("\n".join(lines) + "\n")
 
 
