@@ -22,8 +22,7 @@ import torch
 
 from w2s_hf.data import behavior_info, load_behavior, split_dataset
 from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
-from w2s_hf.protocols import build_item
-from w2s_hf.protocols import Item
+from w2s_hf.protocols import Item, build_item
 from w2s_hf.steering import AdditiveIntervention, SteeringEngine, SteeringRoute
 from w2s_hf.sweep import caa_vectors, layer_sweep
 

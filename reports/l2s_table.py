@@ -16,8 +16,9 @@ reusing its fit config, splits and bundle (CAA vectors, fixed layer, W2S router)
 
 Persona behaviors evaluated with the `statement` protocol (one persona statement per item, no paired
 answers) have no oracle vectors and no L2S: they are listed as skipped. Evaluated with `--protocol
-answer` (the MWE question answered "Yes" or "No"), they have a pair and run like the others. The eval's BASE numbers are
-kept next to ours as a check (same policies; ours re-score only the needed layer per item).
+answer` (the MWE question answered "Yes" or "No"), they have a pair and run like the others. The
+eval's BASE numbers are kept next to ours as a check (same policies; ours re-score only the needed
+layer per item).
 
 Writes `README.md`, `l2s_table.json` and, per behavior, `<behavior>/result.json` (a finished behavior
 is not recomputed) and the L2S bundle `<behavior>/bundle` (loadable with `W2SSteeringModel`).

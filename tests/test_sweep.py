@@ -190,8 +190,6 @@ DATA_PARALLEL_SCRIPT = """
 import sys, numpy as np, torch
 sys.path.insert(0, {tests!r})
 from conftest import NUM_LAYERS, make_model, make_tokenizer
-from peft import LoraConfig, get_peft_model
-from torch import nn
 from test_sweep import INFO, toy_examples
 from w2s_hf.protocols import build_item
 from w2s_hf.sweep import data_parallel_layer_sweep

@@ -14,7 +14,7 @@ import inspect
 import json
 import os
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -209,13 +209,12 @@ def score_propensities(
         layers = [requests[i][1] for i, _ in chunk]
         strengths = [0.0 if requests[i][1] is None else requests[i][2] for i, _ in chunk]
         sequences = [seq for _, seq in chunk]
-        steered = intervention is not None and any(layer is not None for layer in layers)
-        if steered:
+        steering = nullcontext()
+        if intervention is not None and any(layer is not None for layer in layers):
             vectors = None if row_vectors is None else row_vectors[[i for i, _ in chunk]]
             route = SteeringRoute.from_layers(layers, strengths, engine.num_layers, row_vectors=vectors)
-            with engine.steer(intervention, route, policy):
-                logits, column = scored_logits(model, ids.to(device), mask.to(device), sequences)
-        else:
+            steering = engine.steer(intervention, route, policy)
+        with steering:
             logits, column = scored_logits(model, ids.to(device), mask.to(device), sequences)
         scores = _score_rows(logits, column, sequences, ids)
         for (index, sequence), score in zip(chunk, scores.tolist()):
