@@ -21,9 +21,10 @@ eval's BASE numbers are kept next to ours as a check (same policies; ours re-sco
 layer per item).
 
 Writes `README.md`, `l2s_table.json` and, per behavior, `<behavior>/result.json` (a finished behavior
-is not recomputed) and the L2S bundle `<behavior>/bundle` (loadable with `W2SSteeringModel`).
+is not refitted: variants it lacks are scored with the networks read back from its bundle) and the L2S
+bundle `<behavior>/bundle` (loadable with `W2SSteeringModel`).
 
-    python reports/l2s_table.py --eval reports/mwe-smollm2 --output reports/l2s
+    python reports/l2s_table.py --eval reports/mwe-smollm2 --output reports/l2s [--device cuda]
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
 from w2s_hf.encoders import encoder_from_spec
 from w2s_hf.l2s import (
     DEFAULT_LRS,
+    L2SNetworks,
     context_representations,
     evaluate_l2s,
     fit_l2s,
@@ -70,21 +72,28 @@ def routed_layers(bundle: SteeringBundle, encoder, tokenizer, items) -> list[int
     return predictor.predict_layers(embed_items(encoder, tokenizer, items)).tolist()
 
 
-def run_behavior(model, tokenizer, folder: Path, output: Path, args) -> dict:
-    report = json.loads((folder / "report.json").read_text())
-    protocol = report["protocol"]
-    if protocol not in PAIRED_PROTOCOLS:
-        return {"skipped": f"protocol `{protocol}` has no positive/negative answer pair per item: no oracle vectors, no L2S"}
-    known = {f.name for f in fields(FitConfig)}
-    fit = FitConfig(**{k: v for k, v in report["fit"].items() if k in known})
-    info = behavior_info(fit.behavior, fit.data_dir)
-    splits = split_dataset(load_behavior(fit.behavior, fit.data_dir), seed=fit.seed)
-    train = build_items(splits["train"], protocol, tokenizer, info, limit=fit.max_train)
-    val = build_items(splits["val"], protocol, tokenizer, info, limit=args.max_val)
-    pad_id, engine = tokenizer.pad_token_id, SteeringEngine(model)
-    bundle = SteeringBundle.load(folder)
-    caa, caa_fixed = bundle.steering_vectors, int(bundle.config.fixed_layer)
-    encoder = encoder_from_spec(bundle.config.encoder, model, tokenizer) if bundle.config.predictor is not None else None
+class Behavior:
+    """One evaluated behavior: the eval's fit config, splits and bundle, read once."""
+
+    def __init__(self, folder: Path, tokenizer) -> None:
+        self.report = json.loads((folder / "report.json").read_text())
+        self.protocol = self.report["protocol"]
+        known = {f.name for f in fields(FitConfig)}
+        self.fit = FitConfig(**{k: v for k, v in self.report["fit"].items() if k in known})
+        self.info = behavior_info(self.fit.behavior, self.fit.data_dir)
+        self.splits = split_dataset(load_behavior(self.fit.behavior, self.fit.data_dir), seed=self.fit.seed)
+        self.bundle = SteeringBundle.load(folder)
+        self.tokenizer = tokenizer
+
+    def items(self, split: str, variant: str = "BASE", limit: int | None = None):
+        return build_items(self.splits[split], self.protocol, self.tokenizer, self.info, variant, limit=limit)
+
+
+def fit_behavior(model, behavior: Behavior, encoder, output: Path, engine: SteeringEngine, args) -> tuple[dict, L2SNetworks]:
+    """Steps 1-3: oracle vectors, the L2S fixed layer, the context layer and the networks (saved as `output/bundle`)."""
+    fit, pad_id = behavior.fit, behavior.tokenizer.pad_token_id
+    train, val = behavior.items("train", limit=fit.max_train), behavior.items("val", limit=args.max_val)
+    caa_fixed = int(behavior.bundle.config.fixed_layer)
     started = time.time()
     o_train, o_val = oracle_vectors(model, train, pad_id), oracle_vectors(model, val, pad_id)
     c_train, c_val = context_representations(model, train, pad_id), context_representations(model, val, pad_id)
@@ -92,38 +101,69 @@ def run_behavior(model, tokenizer, folder: Path, output: Path, args) -> dict:
                                           batch_size=fit.batch_size, cache_dir=output / "cache" / "oracle-train",
                                           cache_key={"behavior": fit.behavior, "seed": fit.seed}, engine=engine,
                                           progress=args.progress)
-    routable = [caa_fixed] if encoder is None else bundle.tensors["predictor.candidate_layers"].tolist()
+    routable = [caa_fixed] if encoder is None else behavior.bundle.tensors["predictor.candidate_layers"].tolist()
     networks, fit_report = fit_l2s(c_train, o_train, c_val, o_val, fixed_layer=l2s_fixed,
                                    steering_layers=routable, context_layers=args.context_layers,
                                    lrs=args.lrs, seed=fit.seed, progress=args.progress)
-    fit_seconds = time.time() - started
-    l2s_bundle(bundle, networks, fixed_layer=l2s_fixed, training=fit_report).save(output / "bundle")
+    l2s_bundle(behavior.bundle, networks, fixed_layer=l2s_fixed, training=fit_report).save(output / "bundle")
     result = {
-        "protocol": protocol, "n_train": len(train), "n_val": len(val), "caa_fixed_layer": caa_fixed,
+        "protocol": behavior.protocol, "n_train": len(train), "n_val": len(val), "caa_fixed_layer": caa_fixed,
         "l2s_fixed_layer": l2s_fixed, "context_layer": networks.context_layer,
         "router": "w2s" if encoder is not None else "fixed (the eval's CV chose no router)",
         "oracle_train_steerability_per_layer": dict(zip(sweep["layers"], sweep["steerability"].mean(0).tolist())),
-        "l2s_fit": fit_report, "fit_seconds": fit_seconds, "test": {},
+        "l2s_fit": fit_report, "fit_seconds": time.time() - started, "device": str(next(model.parameters()).device), "test": {},
     }
+    return result, networks
+
+
+def saved_networks(output: Path) -> L2SNetworks:
+    """The networks a finished run saved in `output/bundle`."""
+    bundle = SteeringBundle.load(output / "bundle")
+    return L2SNetworks.from_config_dict(bundle.config.l2s, bundle.l2s_state_dict()).eval()
+
+
+def score_variant(model, behavior: Behavior, encoder, networks: L2SNetworks, result: dict, variant: str,
+                  engine: SteeringEngine) -> dict:
+    """Step 4 on one prompt variant of the test split: the five methods, scored the same way."""
+    fit, pad_id = behavior.fit, behavior.tokenizer.pad_token_id
+    items = behavior.items("test", variant, limit=fit.max_eval)
+    caa, caa_fixed, l2s_fixed = behavior.bundle.steering_vectors, result["caa_fixed_layer"], result["l2s_fixed_layer"]
+    routed = routed_layers(behavior.bundle, encoder, behavior.tokenizer, items)
+    common = dict(multipliers=fit.multipliers, batch_size=fit.batch_size, policy=fit.position_policy)
+    scores = evaluate_l2s(model, items, networks, pad_id, fixed_layer=l2s_fixed, predicted_layers=routed,
+                          oracle=oracle_vectors(model, items, pad_id),
+                          contexts=context_representations(model, items, pad_id), engine=engine, **common)
+    base = None if scores["base"] is None else np.asarray(scores["base"])
+    row = {name: scores[name] for name in ("l2s_fixed", "l2s_w2s", "oracle_fixed")}
+    for name, layers in (("caa_fixed", [caa_fixed] * len(items)), ("caa_w2s", routed)):
+        slopes = steerability_at(model, engine, items, layers, caa[layers], pad_id, base=base, **common)["steerability"]
+        row[name] = summarize(slopes)
+    row["caa_w2s"]["layer_histogram"] = row["l2s_w2s"]["layer_histogram"]
+    row["n"] = len(items)
+    row["device"] = str(next(model.parameters()).device)
+    if variant in behavior.report.get("test", {}):
+        row["eval_report"] = {"caa_fixed": behavior.report["test"][variant]["fixed"],
+                              "caa_w2s": behavior.report["test"][variant]["w2s_bundle"]}
+    print(f"  {variant:8s} " + "  ".join(f"{name} {row[name]['steerability']:+.3f}" for name in METHODS), flush=True)
+    return row
+
+
+def run_behavior(model, tokenizer, folder: Path, output: Path, args, result: dict | None = None) -> dict:
+    """Fits a behavior (unless `result` holds a finished fit, whose networks are read back from `output/bundle`)
+    and scores the requested variants it does not have yet."""
+    behavior = Behavior(folder, tokenizer)
+    if behavior.protocol not in PAIRED_PROTOCOLS:
+        return {"skipped": f"protocol `{behavior.protocol}` has no positive/negative answer pair per item: no oracle "
+                           "vectors, no L2S"}
+    bundle, engine = behavior.bundle, SteeringEngine(model)
+    encoder = encoder_from_spec(bundle.config.encoder, model, tokenizer) if bundle.config.predictor is not None else None
+    if result is None:
+        result, networks = fit_behavior(model, behavior, encoder, output, engine, args)
+    else:
+        networks = saved_networks(output)
     for variant in args.variants:
-        items = build_items(splits["test"], protocol, tokenizer, info, variant, limit=fit.max_eval)
-        routed = routed_layers(bundle, encoder, tokenizer, items)
-        common = dict(multipliers=fit.multipliers, batch_size=fit.batch_size, policy=fit.position_policy)
-        scores = evaluate_l2s(model, items, networks, pad_id, fixed_layer=l2s_fixed, predicted_layers=routed,
-                              oracle=oracle_vectors(model, items, pad_id),
-                              contexts=context_representations(model, items, pad_id), engine=engine, **common)
-        base = None if scores["base"] is None else np.asarray(scores["base"])
-        row = {name: scores[name] for name in ("l2s_fixed", "l2s_w2s", "oracle_fixed")}
-        for name, layers in (("caa_fixed", [caa_fixed] * len(items)), ("caa_w2s", routed)):
-            slopes = steerability_at(model, engine, items, layers, caa[layers], pad_id, base=base, **common)["steerability"]
-            row[name] = summarize(slopes)
-        row["caa_w2s"]["layer_histogram"] = row["l2s_w2s"]["layer_histogram"]
-        row["n"] = len(items)
-        if variant in report.get("test", {}):
-            row["eval_report"] = {"caa_fixed": report["test"][variant]["fixed"],
-                                  "caa_w2s": report["test"][variant]["w2s_bundle"]}
-        result["test"][variant] = row
-        print(f"  {variant:8s} " + "  ".join(f"{name} {row[name]['steerability']:+.3f}" for name in METHODS), flush=True)
+        if variant not in result["test"]:
+            result["test"][variant] = score_variant(model, behavior, encoder, networks, result, variant, engine)
     return result
 
 
@@ -196,22 +236,24 @@ def main() -> None:
     parser.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS))
     parser.add_argument("--max-val", type=int, default=None, help="cap on validation examples (default: all)")
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="the eval's base model (folder or id)")
+    parser.add_argument("--device", default="cpu", help="device of the base model (the networks train on CPU)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     start = time.time()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_base_model(args.base_model), load_tokenizer(args.base_model)
+    model, tokenizer = load_base_model(args.base_model).to(args.device), load_tokenizer(args.base_model)
     bundles = Path(args.eval) / "bundles"
     behaviors = args.behaviors or sorted(p.name for p in bundles.iterdir() if (p / "report.json").is_file())
     results = {}
     for behavior in behaviors:
         path = output / behavior / "result.json"
-        if path.is_file():
-            results[behavior] = json.loads(path.read_text())
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is not None and ("skipped" in saved or set(args.variants) <= set(saved["test"])):
+            results[behavior] = saved
             continue
-        print(f"{behavior}:", flush=True)
-        results[behavior] = run_behavior(model, tokenizer, bundles / behavior, output / behavior, args)
+        print(f"{behavior}:" + (" (fitted before; scoring the missing variants)" if saved else ""), flush=True)
+        results[behavior] = run_behavior(model, tokenizer, bundles / behavior, output / behavior, args, saved)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results[behavior], indent=2))
     write_report(results, output, args.variants, "python " + shlex.join(sys.argv), (time.time() - start) / 60, args)
