@@ -2,8 +2,11 @@
 
 Prints greedy tokens/s for the base model and for `W2SSteeringModel.generate` (routing included)
 at each batch size, their ratio, and the routing cost per prompt (encode + predict) for the
-MiniLM encoder and the internal encoder. The bundle is synthetic (random router, CAA-sized
-vectors): speed does not depend on what the router learned.
+MiniLM encoder and the internal encoder. A diagnostic row runs the MiniLM model with its routed
+layers given (`steering_layer=`, no routing) to split routing from steering. On CUDA it also prints
+the memory the steering adds: resident (vectors, router head; the MiniLM encoder apart) and the peak
+of `generate` over the base model's. The bundle is synthetic (random router, CAA-sized vectors):
+speed does not depend on what the router learned.
 
     python bench/generate_overhead.py [--batch-sizes 1 4] [--new-tokens 128] [--repeats 3]
 """
@@ -37,10 +40,13 @@ def synthetic_bundle(model, input_dim: int, encoder_spec: dict) -> SteeringBundl
 
 
 def timed(functions: dict, repeats: int, sync) -> dict[str, float]:
-    """Median seconds of each function; the functions take turns in every round, so drift hits all alike."""
+    """Median seconds of each function; the functions take turns in every round, each round starting one
+    further along the list, so drift and order effects hit all alike."""
     times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
+    names = list(functions)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            function = functions[name]
             sync()
             start = time.perf_counter()
             function()
@@ -61,11 +67,18 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    cuda = args.device.startswith("cuda")
+
+    def allocated() -> int:
+        return torch.cuda.memory_allocated(args.device) if cuda else 0
+
     model = load_base_model(DEFAULT_BASE_MODEL).to(args.device)
+    base_bytes = allocated()
     tokenizer = load_tokenizer(DEFAULT_BASE_MODEL)
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     minilm = sentence_transformers_encoder()
     minilm.model.to(args.device)
+    minilm_bytes = allocated() - base_bytes
     w2s = W2SSteeringModel(model, synthetic_bundle(model, 384, minilm.spec()), tokenizer=tokenizer, encoder=minilm)
     internal = InternalEncoder(model, tokenizer, layer=2)
     w2s_internal = W2SSteeringModel(model, synthetic_bundle(model, 576, internal.spec()), tokenizer=tokenizer, encoder=internal)
@@ -73,18 +86,40 @@ def main() -> None:
     print(f"device={args.device} threads={torch.get_num_threads()} new_tokens={args.new_tokens} repeats={args.repeats} (median)")
     for batch_size in args.batch_sizes:
         batch = tokenizer([text] * batch_size, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        routed = w2s.predict_layers(ids, mask).tolist()
         model.generate(**batch, max_new_tokens=4)  # warm-up
+        w2s.generate(**batch, max_new_tokens=4)
+        w2s_internal.generate(**batch, max_new_tokens=4)
         seconds = timed({"base": lambda: model.generate(**batch, **kwargs),
                          "minilm": lambda: w2s.generate(**batch, **kwargs),
-                         "internal": lambda: w2s_internal.generate(**batch, **kwargs)}, args.repeats, sync)
-        base, steered, steered_internal = seconds["base"], seconds["minilm"], seconds["internal"]
+                         "internal": lambda: w2s_internal.generate(**batch, **kwargs),
+                         "given": lambda: w2s.generate(**batch, steering_layer=routed, **kwargs)}, args.repeats, sync)
+        base, steered, steered_internal, given = seconds["base"], seconds["minilm"], seconds["internal"], seconds["given"]
         tokens = batch_size * args.new_tokens
         print(f"batch {batch_size:3d}: base {tokens / base:8.1f} tok/s | W2S+MiniLM {tokens / steered:8.1f} tok/s "
               f"({base / steered:.3f}x) | W2S+internal {tokens / steered_internal:8.1f} tok/s ({base / steered_internal:.3f}x)")
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        internal_layers = w2s_internal.predict_layers(ids, mask).tolist()
+        print(f"           MiniLM layers given (no routing): {tokens / given:8.1f} tok/s ({base / given:.3f}x); "
+              f"routed layers: MiniLM {sorted(set(routed))}, internal {sorted(set(internal_layers))}")
+        if cuda:
+            peaks = {}
+            for name, run in (("base", lambda: model.generate(**batch, **kwargs)),
+                              ("W2S+MiniLM", lambda: w2s.generate(**batch, **kwargs)),
+                              ("W2S+internal", lambda: w2s_internal.generate(**batch, **kwargs))):
+                torch.cuda.reset_peak_memory_stats(args.device)
+                start = allocated()
+                run()
+                peaks[name] = torch.cuda.max_memory_allocated(args.device) - start
+            print("           generate peak above resident: " + " | ".join(
+                f"{name} {value / 2**20:.2f} MiB" for name, value in peaks.items()))
         for name, model_ in (("MiniLM", w2s), ("internal", w2s_internal)):
             routing = timed({name: lambda: model_.predict_layers(ids, mask)}, max(5, args.repeats), sync)[name]
             print(f"           routing ({name}): {1000 * routing / batch_size:7.2f} ms per prompt")
+    if cuda:
+        print(f"resident on {args.device}: base model {base_bytes / 2**20:.1f} MiB, MiniLM encoder "
+              f"{minilm_bytes / 2**20:.1f} MiB, steering (vectors, heads, device copies) after the runs "
+              f"{(allocated() - base_bytes - minilm_bytes) / 2**20:.2f} MiB")
 
 
 if __name__ == "__main__":
