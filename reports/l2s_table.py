@@ -176,21 +176,32 @@ def cell(value: float | None, signed: bool = True) -> str:
     return "n/a" if value is None else (f"{value:+.3f}" if signed else f"{value:.3f}")
 
 
-def write_report(results: dict, output: Path, variants: list[str], command: str, minutes: float, args) -> None:
+def write_report(results: dict, sources: dict[str, str], output: Path, variants: list[str], command: str,
+                 minutes: float, args) -> None:
     done = {b: r for b, r in results.items() if "test" in r}
     summary = {variant: {method: {key: mean_over(done, variant, method, key) for key in ("steerability", "prop_steerable")}
                          for method in METHODS} for variant in variants}
     (output / "l2s_table.json").write_text(json.dumps(
-        {"command": command, "minutes": minutes, "mean_over_behaviors": summary, "behaviors": results}, indent=2))
+        {"command": command, "minutes": minutes, "mean_over_behaviors": summary, "behaviors": results,
+         "sources": sources}, indent=2))
+    also = f" Behaviors from {', '.join(f'`{a}`' for a in args.also)} are read from those finished runs." if args.also else ""
     lines = [f"# CAA and L2S, fixed layer and W2S ({args.base_model}, test split)", "",
              f"Command: `{command}` ({minutes:.1f} min). Built on the eval in `{args.eval}` (its fit config, "
-             "splits, CAA vectors, fixed layer and W2S router). Mean over "
+             f"splits, CAA vectors, fixed layer and W2S router).{also} Mean over "
              f"{len(done)} behaviors ({', '.join(done) or 'none'}); steerability and proportion of steerable examples.", ""]
     if "BASE" in variants:
         lines += ["In distribution (BASE prompts):", "", "| Method | Steerability | Prop. steerable |", "|---|---:|---:|"]
         base = summary["BASE"]
         lines += [f"| {label} | {cell(base[m]['steerability'])} | {cell(base[m]['prop_steerable'], False)} |"
                   for m, label in METHODS.items()]
+        groups = sorted(set(sources[b] for b in done))
+        if len(groups) > 1:
+            lines += ["", "BASE steerability by source (mean over its behaviors):", "",
+                      "| Source | behaviors | CAA fixed | CAA+W2S | L2S fixed | L2S+W2S | oracle |", "|---|---:|" + "---:|" * len(METHODS)]
+            for group in groups:
+                members = {b: r for b, r in done.items() if sources[b] == group}
+                lines.append(f"| `{group}` | {len(members)} | "
+                             + " | ".join(cell(mean_over(members, "BASE", m, "steerability")) for m in METHODS) + " |")
     ood = [v for v in variants if v != "BASE"]
     if ood:
         lines += ["", "Out of distribution (router and networks trained on BASE):", "",
@@ -237,6 +248,8 @@ def main() -> None:
     parser.add_argument("--max-val", type=int, default=None, help="cap on validation examples (default: all)")
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="the eval's base model (folder or id)")
     parser.add_argument("--device", default="cpu", help="device of the base model (the networks train on CPU)")
+    parser.add_argument("--also", nargs="+", default=[],
+                        help="finished outputs of this script on other evals: their behaviors join the table (read only)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     start = time.time()
@@ -256,7 +269,12 @@ def main() -> None:
         results[behavior] = run_behavior(model, tokenizer, bundles / behavior, output / behavior, args, saved)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results[behavior], indent=2))
-    write_report(results, output, args.variants, "python " + shlex.join(sys.argv), (time.time() - start) / 60, args)
+    sources = {behavior: args.output for behavior in results}
+    for folder in args.also:
+        for path in sorted(Path(folder).glob("*/result.json")):
+            if path.parent.name not in results:
+                results[path.parent.name], sources[path.parent.name] = json.loads(path.read_text()), folder
+    write_report(results, sources, output, args.variants, "python " + shlex.join(sys.argv), (time.time() - start) / 60, args)
     print(f"Written to {output} ({(time.time() - start) / 60:.1f} min).")
 
 
