@@ -8,11 +8,15 @@ reusing its fit config, splits and bundle (CAA vectors, fixed layer, W2S router)
 2. the L2S fixed layer: best mean train steerability when each input is steered with its own oracle
    vector (a per-item-vector layer sweep over the eval's swept layers, cached and resumable);
 3. the context layer (lowest validation MSE of the fixed layer's network over `--context-layers`),
-   then one network per layer the router can pick (learning rates swept on validation);
-4. on the test split, for BASE and the OOD prompt variants (SYS.POS, SYS.NEG, USER.POS, USER.NEG):
+   then one network per layer a router can pick (step 4; learning rates swept on validation);
+4. the L2S router: trained like the eval's (its encoder, label smoothing, CV and fallback to the fixed
+   layer) on the train items' per-input oracle-vector sweep of step 2, i.e. on where each input's own
+   vector steers best; networks are fitted for every layer it or the eval's router can pick;
+5. on the test split, for BASE and the OOD prompt variants (SYS.POS, SYS.NEG, USER.POS, USER.NEG):
    CAA fixed, CAA + W2S (the eval bundle's routing: its router, or its fixed layer where CV chose no
-   router), L2S fixed, L2S + W2S (the same routed layers, each row with its L2S vector) and the
-   oracle vectors at the L2S fixed layer, all scored the same way (`steerability_at`).
+   router), L2S fixed, L2S + W2S (the L2S router's layer, each row with its L2S vector), L2S at the
+   CAA router's layers, and the oracle vectors at the L2S fixed layer, all scored the same way
+   (`steerability_at`).
 
 Persona behaviors evaluated with the `statement` protocol (one persona statement per item, no paired
 answers) have no oracle vectors and no L2S: they are listed as skipped. Evaluated with `--protocol
@@ -21,7 +25,7 @@ eval's BASE numbers are kept next to ours as a check (same policies; ours re-sco
 layer per item).
 
 Writes `README.md`, `l2s_table.json` and, per behavior, `<behavior>/result.json` (a finished behavior
-is not refitted: variants it lacks are scored with the networks read back from its bundle) and the L2S
+is not refitted: variants it lacks are scored with the networks and router read back from its bundle) and the L2S
 bundle `<behavior>/bundle` (loadable with `W2SSteeringModel`).
 
     python reports/l2s_table.py --eval reports/mwe-smollm2 --output reports/l2s [--device cuda]
@@ -39,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from w2s_hf.bundle import SteeringBundle
+from w2s_hf.bundle import BundleConfig, SteeringBundle
 from w2s_hf.data import PROMPT_VARIANTS, behavior_info, load_behavior, split_dataset
 from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
 from w2s_hf.encoders import encoder_from_spec
@@ -57,25 +61,43 @@ from w2s_hf.metrics import summarize
 from w2s_hf.predictor import LayerPredictor
 from w2s_hf.steering import SteeringEngine
 from w2s_hf.sweep import steerability_at
-from w2s_hf.train import FitConfig, build_items, embed_items
+from w2s_hf.train import FitConfig, RouterFit, build_items, embed_items, fit_router
 
 PAIRED_PROTOCOLS = ("answer", "ab")
 METHODS = {"caa_fixed": "CAA w/ fixed layer", "caa_w2s": "CAA w/ W2S", "l2s_fixed": "L2S w/ fixed layer",
-           "l2s_w2s": "L2S w/ W2S", "oracle_fixed": "oracle vectors w/ L2S fixed layer (reference)"}
+           "l2s_w2s": "L2S w/ W2S", "l2s_at_caa_router": "L2S at the CAA router's layers (reference)",
+           "oracle_fixed": "oracle vectors w/ L2S fixed layer (reference)"}
+SHORT = {"caa_fixed": "CAA fixed", "caa_w2s": "CAA+W2S", "l2s_fixed": "L2S fixed", "l2s_w2s": "L2S+W2S",
+         "l2s_at_caa_router": "L2S @ CAA router", "oracle_fixed": "oracle"}
 
 
 def routed_layers(bundle: SteeringBundle, encoder, tokenizer, items) -> list[int]:
-    """The eval bundle's layer for every item: its router's choice, or its fixed layer without a router."""
+    """A bundle's layer for every item: its router's choice, or its fixed layer without a router."""
     if bundle.config.predictor is None:
         return [int(bundle.config.fixed_layer)] * len(items)
     predictor = LayerPredictor.from_config_dict(bundle.config.predictor, bundle.predictor_state_dict()).eval()
     return predictor.predict_layers(embed_items(encoder, tokenizer, items)).tolist()
 
 
+def with_router(bundle: SteeringBundle, router: RouterFit, encoder) -> SteeringBundle:
+    """`bundle` routed by `router` instead of its own (no router when the fixed layer won)."""
+    data = bundle.config.to_dict()
+    data.pop("bundle_id")
+    tensors = {name: value for name, value in bundle.tensors.items() if not name.startswith("predictor.")}
+    predictor = router.predictor
+    data.update(encoder=None if predictor is None else encoder.spec(),
+                predictor=None if predictor is None else predictor.config_dict())
+    if predictor is not None:
+        tensors.update({f"predictor.{name}": value for name, value in predictor.state_dict().items()})
+    data["training"] = {**data["training"], "router": "w2s" if predictor is not None else "fixed",
+                        "smoothing_k": router.chosen_k}
+    return SteeringBundle(BundleConfig(**data), tensors)
+
+
 class Behavior:
     """One evaluated behavior: the eval's fit config, splits and bundle, read once."""
 
-    def __init__(self, folder: Path, tokenizer) -> None:
+    def __init__(self, folder: Path, model, tokenizer) -> None:
         self.report = json.loads((folder / "report.json").read_text())
         self.protocol = self.report["protocol"]
         known = {f.name for f in fields(FitConfig)}
@@ -84,13 +106,15 @@ class Behavior:
         self.splits = split_dataset(load_behavior(self.fit.behavior, self.fit.data_dir), seed=self.fit.seed)
         self.bundle = SteeringBundle.load(folder)
         self.tokenizer = tokenizer
+        self.encoder = encoder_from_spec(self.fit.encoder, model, tokenizer)  # the eval's router encoder
 
     def items(self, split: str, variant: str = "BASE", limit: int | None = None):
         return build_items(self.splits[split], self.protocol, self.tokenizer, self.info, variant, limit=limit)
 
 
-def fit_behavior(model, behavior: Behavior, encoder, output: Path, engine: SteeringEngine, args) -> tuple[dict, L2SNetworks]:
-    """Steps 1-3: oracle vectors, the L2S fixed layer, the context layer and the networks (saved as `output/bundle`)."""
+def fit_behavior(model, behavior: Behavior, output: Path, engine: SteeringEngine, args) -> tuple[dict, SteeringBundle]:
+    """Steps 1-4: oracle vectors, the L2S fixed layer and router, the context layer and the networks; the L2S
+    bundle (networks, L2S fixed layer and router) is saved as `output/bundle`."""
     fit, pad_id = behavior.fit, behavior.tokenizer.pad_token_id
     train, val = behavior.items("train", limit=fit.max_train), behavior.items("val", limit=args.max_val)
     caa_fixed = int(behavior.bundle.config.fixed_layer)
@@ -101,69 +125,84 @@ def fit_behavior(model, behavior: Behavior, encoder, output: Path, engine: Steer
                                           batch_size=fit.batch_size, cache_dir=output / "cache" / "oracle-train",
                                           cache_key={"behavior": fit.behavior, "seed": fit.seed}, engine=engine,
                                           progress=args.progress)
-    routable = [caa_fixed] if encoder is None else behavior.bundle.tensors["predictor.candidate_layers"].tolist()
+    router = fit_router(embed_items(behavior.encoder, behavior.tokenizer, train), sweep["steerability"], sweep["layers"],
+                        engine.num_layers, fit, progress=False)
+    caa_routable = ([caa_fixed] if behavior.bundle.config.predictor is None
+                    else behavior.bundle.tensors["predictor.candidate_layers"].tolist())
+    own_routable = [] if router.predictor is None else router.predictor.candidate_layers.tolist()
     networks, fit_report = fit_l2s(c_train, o_train, c_val, o_val, fixed_layer=l2s_fixed,
-                                   steering_layers=routable, context_layers=args.context_layers,
-                                   lrs=args.lrs, seed=fit.seed, progress=args.progress)
-    l2s_bundle(behavior.bundle, networks, fixed_layer=l2s_fixed, training=fit_report).save(output / "bundle")
+                                   steering_layers=sorted(set(caa_routable) | set(own_routable)),
+                                   context_layers=args.context_layers, lrs=args.lrs, seed=fit.seed,
+                                   progress=args.progress)
+    bundle = l2s_bundle(with_router(behavior.bundle, router, behavior.encoder), networks, fixed_layer=l2s_fixed,
+                        training=fit_report)
+    bundle.save(output / "bundle")
     result = {
         "protocol": behavior.protocol, "n_train": len(train), "n_val": len(val), "caa_fixed_layer": caa_fixed,
         "l2s_fixed_layer": l2s_fixed, "context_layer": networks.context_layer,
-        "router": "w2s" if encoder is not None else "fixed (the eval's CV chose no router)",
+        "router": "w2s" if behavior.bundle.config.predictor is not None else "fixed (the eval's CV chose no router)",
+        "l2s_router": (f"w2s (k={router.chosen_k}, layers {own_routable})" if router.predictor is not None
+                       else "fixed (CV chose no router)"),
+        "l2s_router_cv": {str(k): v for k, v in router.cv.items()},
         "oracle_train_steerability_per_layer": dict(zip(sweep["layers"], sweep["steerability"].mean(0).tolist())),
-        "l2s_fit": fit_report, "fit_seconds": time.time() - started, "device": str(next(model.parameters()).device), "test": {},
+        "l2s_fit": fit_report, "fit_seconds": time.time() - started, "device": str(next(model.parameters()).device),
+        "test": {},
     }
-    return result, networks
+    return result, bundle
 
 
-def saved_networks(output: Path) -> L2SNetworks:
-    """The networks a finished run saved in `output/bundle`."""
-    bundle = SteeringBundle.load(output / "bundle")
-    return L2SNetworks.from_config_dict(bundle.config.l2s, bundle.l2s_state_dict()).eval()
+def histogram(layers: list[int]) -> dict[int, int]:
+    return {int(k): int(v) for k, v in zip(*np.unique(layers, return_counts=True))}
 
 
-def score_variant(model, behavior: Behavior, encoder, networks: L2SNetworks, result: dict, variant: str,
+def score_variant(model, behavior: Behavior, l2s: SteeringBundle, result: dict, variant: str,
                   engine: SteeringEngine) -> dict:
-    """Step 4 on one prompt variant of the test split: the five methods, scored the same way."""
-    fit, pad_id = behavior.fit, behavior.tokenizer.pad_token_id
+    """Step 5 on one prompt variant of the test split: every method, scored the same way."""
+    fit, pad_id, tokenizer = behavior.fit, behavior.tokenizer.pad_token_id, behavior.tokenizer
     items = behavior.items("test", variant, limit=fit.max_eval)
-    caa, caa_fixed, l2s_fixed = behavior.bundle.steering_vectors, result["caa_fixed_layer"], result["l2s_fixed_layer"]
-    routed = routed_layers(behavior.bundle, encoder, behavior.tokenizer, items)
+    networks = L2SNetworks.from_config_dict(l2s.config.l2s, l2s.l2s_state_dict()).eval()
+    caa, caa_fixed = behavior.bundle.steering_vectors, result["caa_fixed_layer"]
+    caa_routed = routed_layers(behavior.bundle, behavior.encoder, tokenizer, items)
     common = dict(multipliers=fit.multipliers, batch_size=fit.batch_size, policy=fit.position_policy)
-    scores = evaluate_l2s(model, items, networks, pad_id, fixed_layer=l2s_fixed, predicted_layers=routed,
-                          oracle=oracle_vectors(model, items, pad_id),
-                          contexts=context_representations(model, items, pad_id), engine=engine, **common)
+    contexts = context_representations(model, items, pad_id)
+    scores = evaluate_l2s(model, items, networks, pad_id, fixed_layer=result["l2s_fixed_layer"],
+                          predicted_layers=routed_layers(l2s, behavior.encoder, tokenizer, items),
+                          oracle=oracle_vectors(model, items, pad_id), contexts=contexts, engine=engine, **common)
     base = None if scores["base"] is None else np.asarray(scores["base"])
     row = {name: scores[name] for name in ("l2s_fixed", "l2s_w2s", "oracle_fixed")}
-    for name, layers in (("caa_fixed", [caa_fixed] * len(items)), ("caa_w2s", routed)):
-        slopes = steerability_at(model, engine, items, layers, caa[layers], pad_id, base=base, **common)["steerability"]
+    at_caa_router = networks.vectors(contexts[:, networks.context_layer], caa_routed).cpu()
+    for name, layers, vectors in (("caa_fixed", [caa_fixed] * len(items), caa[[caa_fixed] * len(items)]),
+                                  ("caa_w2s", caa_routed, caa[caa_routed]),
+                                  ("l2s_at_caa_router", caa_routed, at_caa_router)):
+        slopes = steerability_at(model, engine, items, layers, vectors, pad_id, base=base, **common)["steerability"]
         row[name] = summarize(slopes)
-    row["caa_w2s"]["layer_histogram"] = row["l2s_w2s"]["layer_histogram"]
+        if name != "caa_fixed":
+            row[name]["layer_histogram"] = histogram(layers)
     row["n"] = len(items)
     row["device"] = str(next(model.parameters()).device)
     if variant in behavior.report.get("test", {}):
         row["eval_report"] = {"caa_fixed": behavior.report["test"][variant]["fixed"],
                               "caa_w2s": behavior.report["test"][variant]["w2s_bundle"]}
-    print(f"  {variant:8s} " + "  ".join(f"{name} {row[name]['steerability']:+.3f}" for name in METHODS), flush=True)
+    print(f"  {variant:8s} " + "  ".join(f"{SHORT[name]} {row[name]['steerability']:+.3f}" for name in METHODS),
+          flush=True)
     return row
 
 
 def run_behavior(model, tokenizer, folder: Path, output: Path, args, result: dict | None = None) -> dict:
-    """Fits a behavior (unless `result` holds a finished fit, whose networks are read back from `output/bundle`)
+    """Fits a behavior (unless `result` holds a finished fit, whose bundle is read back from `output/bundle`)
     and scores the requested variants it does not have yet."""
-    behavior = Behavior(folder, tokenizer)
+    behavior = Behavior(folder, model, tokenizer)
     if behavior.protocol not in PAIRED_PROTOCOLS:
         return {"skipped": f"protocol `{behavior.protocol}` has no positive/negative answer pair per item: no oracle "
                            "vectors, no L2S"}
-    bundle, engine = behavior.bundle, SteeringEngine(model)
-    encoder = encoder_from_spec(bundle.config.encoder, model, tokenizer) if bundle.config.predictor is not None else None
+    engine = SteeringEngine(model)
     if result is None:
-        result, networks = fit_behavior(model, behavior, encoder, output, engine, args)
+        result, bundle = fit_behavior(model, behavior, output, engine, args)
     else:
-        networks = saved_networks(output)
+        bundle = SteeringBundle.load(output / "bundle")
     for variant in args.variants:
         if variant not in result["test"]:
-            result["test"][variant] = score_variant(model, behavior, encoder, networks, result, variant, engine)
+            result["test"][variant] = score_variant(model, behavior, bundle, result, variant, engine)
     return result
 
 
@@ -211,11 +250,11 @@ def write_report(results: dict, sources: dict[str, str], output: Path, variants:
                                                f"{cell(summary[v][m]['prop_steerable'], False)}" for v in ood) + " |"
                   for m, label in METHODS.items()]
     lines += ["", "Per behavior, BASE steerability (layers: CAA fixed / L2S fixed / context):", "",
-              "| behavior | CAA fixed | CAA+W2S | L2S fixed | L2S+W2S | oracle | layers | router | eval CAA fixed / W2S |",
-              "|---|---:|---:|---:|---:|---:|---|---|---|"]
+              "| behavior | " + " | ".join(SHORT.values()) + " | layers | CAA router | L2S router | eval CAA fixed / W2S |",
+              "|---|" + "---:|" * len(SHORT) + "---|---|---|---|"]
     for behavior, r in results.items():
         if "test" not in r:
-            lines.append(f"| {behavior} | skipped: {r['skipped']} |" + " |" * 7)
+            lines.append(f"| {behavior} | skipped: {r['skipped']} |" + " |" * (len(SHORT) + 3))
             continue
         base = r["test"].get("BASE")
         if base is None:
@@ -224,14 +263,19 @@ def write_report(results: dict, sources: dict[str, str], output: Path, variants:
         check = f"{cell(check['caa_fixed']['steerability'])} / {cell(check['caa_w2s']['steerability'])}" if check else "n/a"
         lines.append(f"| {behavior} | " + " | ".join(cell(base[m]["steerability"]) for m in METHODS)
                      + f" | {r['caa_fixed_layer']} / {r['l2s_fixed_layer']} / {r['context_layer']} | {r['router']} | "
-                     + f"{check} |")
+                     + f"{r['l2s_router']} | {check} |")
     lines += ["", "Notes:", "",
               "- L2S fixed layer: best mean train steerability with each input's own oracle vector (paper section 6.1); "
               "context layer: lowest validation MSE of that layer's network among "
               f"{args.context_layers}; networks: 2-layer MLP, hidden 100, tanh, learning rate from {list(args.lrs)} "
               "by validation MSE (appendix D.3). One context layer serves every steering layer.",
-              "- W2S rows use the eval bundle's router as it was trained (on CAA sweep labels); where the eval's CV "
-              "chose no router, W2S is its fixed layer, as in the eval's own `w2s_bundle` row.",
+              "- CAA + W2S uses the eval bundle's router as it was trained (on CAA sweep labels); where the eval's CV "
+              "chose no router, it is the eval's fixed layer, as in the eval's own `w2s_bundle` row.",
+              "- L2S + W2S uses its own router: trained like the eval's (same encoder, label smoothing, CV, fallback "
+              "to the fixed layer) on the per-input layer sweep with oracle vectors, i.e. on where each input's own "
+              "vector steers best (the networks fit the train split almost exactly, so these are L2S's train "
+              "labels). It is the router in the saved L2S bundle. `L2S @ CAA router` puts the L2S vectors at the "
+              "CAA router's layers instead.",
               "- Persona behaviors under the statement protocol have no positive/negative answer pair per item, so no "
               "oracle vectors and no L2S; under `w2s-hf eval --protocol answer` (Yes/No answers) they have one."]
     (output / "README.md").write_text("\n".join(lines) + "\n")
