@@ -236,7 +236,7 @@ def write_report(results: dict, sources: dict[str, str], output: Path, variants:
         groups = sorted(set(sources[b] for b in done))
         if len(groups) > 1:
             lines += ["", "BASE steerability by source (mean over its behaviors):", "",
-                      "| Source | behaviors | CAA fixed | CAA+W2S | L2S fixed | L2S+W2S | oracle |", "|---|---:|" + "---:|" * len(METHODS)]
+                      "| Source | behaviors | " + " | ".join(SHORT.values()) + " |", "|---|---:|" + "---:|" * len(SHORT)]
             for group in groups:
                 members = {b: r for b, r in done.items() if sources[b] == group}
                 lines.append(f"| `{group}` | {len(members)} | "
