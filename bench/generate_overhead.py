@@ -73,11 +73,13 @@ def main() -> None:
         return torch.cuda.memory_allocated(args.device) if cuda else 0
 
     model = load_base_model(DEFAULT_BASE_MODEL).to(args.device)
-    base_bytes = allocated()
     tokenizer = load_tokenizer(DEFAULT_BASE_MODEL)
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    model.generate(**tokenizer([text], return_tensors="pt", add_special_tokens=False).to(args.device), max_new_tokens=2)
+    base_bytes = allocated()  # after a first generate: cuBLAS workspaces and the like count as the base model's
     minilm = sentence_transformers_encoder()
     minilm.model.to(args.device)
+    minilm.encode_texts([PROMPT])
     minilm_bytes = allocated() - base_bytes
     w2s = W2SSteeringModel(model, synthetic_bundle(model, 384, minilm.spec()), tokenizer=tokenizer, encoder=minilm)
     internal = InternalEncoder(model, tokenizer, layer=2)
