@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
+from contextlib import nullcontext
 
 import pytest
 import torch
 from conftest import HIDDEN, NUM_LAYERS, make_model
+from transformers import DynamicCache
 
 from w2s_hf.layers import find_decoder_layers
 from w2s_hf.steering import AdditiveIntervention, SteeringEngine, SteeringRoute, real_positions
@@ -108,6 +111,29 @@ def test_cached_and_uncached_generation_agree_under_steering(tiny_model, vectors
     assert torch.equal(outputs[True], outputs[False])
     unsteered = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert not torch.equal(outputs[True], unsteered), "steering by 8x a random vector must change greedy tokens"
+
+
+@pytest.mark.parametrize("cache_name", ["past_key_values", "cache"])
+def test_generated_policy_steers_a_cached_decode_step_without_attention_mask(tiny_model, vectors, cache_name):
+    # transformers >= 5.2x passes the KV cache as `cache` (`past_key_values` still accepted, deprecated):
+    # under either name the engine must see how many tokens came before, or the decode step's position
+    # restarts at 0 and the `generated` policy leaves the generated token unsteered.
+    if cache_name == "cache" and "cache" not in inspect.signature(tiny_model.forward).parameters:
+        pytest.skip("this transformers version names the KV cache `past_key_values` only")
+    engine = SteeringEngine(tiny_model)
+    prompt = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(4))
+    route = SteeringRoute.from_layers([1], strengths=3.0, num_layers=NUM_LAYERS, prompt_lengths=torch.tensor([6]))
+
+    def decode_step_states(steer: bool) -> tuple[torch.Tensor, ...]:
+        cache = DynamicCache()
+        with torch.no_grad(), engine.steer(AdditiveIntervention(vectors), route, "generated") if steer else nullcontext():
+            tiny_model(input_ids=prompt, use_cache=True, **{cache_name: cache})
+            return tiny_model(input_ids=torch.tensor([[7]]), use_cache=True, output_hidden_states=True,
+                              **{cache_name: cache}).hidden_states
+
+    base, steered = decode_step_states(False), decode_step_states(True)
+    torch.testing.assert_close(steered[1], base[1], rtol=0, atol=0)  # below the steered block
+    torch.testing.assert_close(steered[2] - base[2], 3.0 * vectors[1].expand(1, 1, HIDDEN), rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_layer_batch_equals_each_row_alone(tiny_model, vectors):

@@ -347,12 +347,17 @@ def real_positions(
     return positions, torch.ones(batch, seq_len, dtype=torch.bool, device=device)
 
 
-def _past_length(past_key_values: object) -> int:
-    if past_key_values is None:
+def _past_length(bound: dict) -> int:
+    """Tokens already in the KV cache of a forward call, whatever the cache argument is called: `cache`
+    (transformers >= 5.2x) or `past_key_values` (earlier, and deprecated since), by name or in `**kwargs`."""
+    extra = bound.get("kwargs") or {}
+    cache = next((source[name] for name in ("cache", "past_key_values") for source in (bound, extra)
+                  if source.get(name) is not None), None)
+    if cache is None:
         return 0
-    if hasattr(past_key_values, "get_seq_length"):
-        return int(past_key_values.get_seq_length())
-    return int(past_key_values[0][0].shape[-2])  # legacy tuple cache
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2])  # legacy tuple cache
 
 
 class SteeringEngine:
@@ -461,7 +466,7 @@ class SteeringEngine:
             active.positions = None if mask is None else mask[:, -seq_len:].to(reference.device).bool()
             return
         positions, valid = real_positions(
-            batch, seq_len, reference.device, attention_mask, _past_length(bound.get("past_key_values"))
+            batch, seq_len, reference.device, attention_mask, _past_length(bound)
         )
         route = active.route_for(batch, reference.device)  # policy "generated"
         if route.prompt_lengths is not None:
