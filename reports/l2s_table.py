@@ -89,8 +89,8 @@ def with_router(bundle: SteeringBundle, router: RouterFit, encoder) -> SteeringB
                 predictor=None if predictor is None else predictor.config_dict())
     if predictor is not None:
         tensors.update({f"predictor.{name}": value for name, value in predictor.state_dict().items()})
-    data["training"] = {**data["training"], "router": "w2s" if predictor is not None else "fixed",
-                        "smoothing_k": router.chosen_k}
+    data["training"] = {**{k: v for k, v in data["training"].items() if k != "predicted_layer_counts"},
+                        "router": "w2s" if predictor is not None else "fixed", "smoothing_k": router.chosen_k}
     return SteeringBundle(BundleConfig(**data), tensors)
 
 
