@@ -12,7 +12,7 @@ from conftest import HIDDEN, NUM_LAYERS, make_model
 from transformers import DynamicCache
 
 from w2s_hf.layers import find_decoder_layers
-from w2s_hf.steering import AdditiveIntervention, SteeringEngine, SteeringRoute, real_positions
+from w2s_hf.steering import AdditiveIntervention, InPassRouter, SteeringEngine, SteeringRoute, real_positions
 
 
 def hook_ids(model) -> set[tuple[int, int]]:
@@ -215,6 +215,69 @@ def test_threads_steer_one_model_independently(vectors):
     for strength in strengths:
         torch.testing.assert_close(results[strength], expected[strength])
     assert hook_ids(model) == hooks_before
+
+
+def test_only_the_blocks_a_route_can_steer_or_its_router_reads_carry_hooks(tiny_model, vectors):
+    engine = SteeringEngine(tiny_model)
+    ids, mask = batch_ids([5, 5], "left", seed=5)
+    intervention = AdditiveIntervention(vectors)
+    with engine.steer(intervention, SteeringRoute.from_layers([1, 3], 1.0, NUM_LAYERS)):
+        assert engine.hooked_layers == [1, 3]
+        with engine.steer(intervention, SteeringRoute.from_layers([2, None], 1.0, NUM_LAYERS)):
+            assert engine.hooked_layers == [1, 2, 3]
+        assert engine.hooked_layers == [1, 3]
+    assert engine.hooked_layers == [] and not engine.has_hooks
+    unrouted = SteeringRoute.from_layers([None, None], 1.0, NUM_LAYERS)
+    router = InPassRouter((0,), lambda outputs, mask_: torch.tensor([2, 3]), layers=(2, 3))
+    with engine.steer(intervention, unrouted, router=router):
+        assert engine.hooked_layers == [0, 2, 3]
+        steered = tiny_model(input_ids=ids, attention_mask=mask).logits
+    with engine.steer(intervention, SteeringRoute.from_layers([2, 3], 1.0, NUM_LAYERS)):
+        assert engine.hooked_layers == [2, 3]
+        torch.testing.assert_close(steered, tiny_model(input_ids=ids, attention_mask=mask).logits)
+    with engine.steer(intervention, unrouted, router=InPassRouter((1,), lambda outputs, mask_: torch.tensor([2, 3]))):
+        assert engine.hooked_layers == list(range(1, NUM_LAYERS))  # no `layers`: every block above the reads
+    assert not engine.has_hooks
+
+
+def test_in_pass_router_choosing_a_layer_it_did_not_name_fails_loudly(tiny_model, vectors):
+    engine = SteeringEngine(tiny_model)
+    ids, mask = batch_ids([5], "left", seed=6)
+    router = InPassRouter((0,), lambda outputs, mask_: torch.tensor([3]), layers=(2,))
+    with pytest.raises(ValueError, match="can steer only"):
+        with engine.steer(AdditiveIntervention(vectors), SteeringRoute.from_layers([None], 1.0, NUM_LAYERS), router=router):
+            tiny_model(input_ids=ids, attention_mask=mask)
+    assert not engine.has_hooks
+    with pytest.raises(ValueError, match="above the blocks it reads"):
+        InPassRouter((2,), lambda outputs, mask_: None, layers=(1, 3))
+
+
+def test_threads_steering_different_layers_share_hooks_correctly(vectors):
+    model = make_model("qwen2")
+    engine = SteeringEngine(model)
+    ids, mask = batch_ids([6], "left", seed=10)
+    layers = [0, 2, 3, 2]
+    expected, results = {}, {}
+    for worker_id, layer in enumerate(layers):
+        with engine.steer(AdditiveIntervention(vectors), SteeringRoute.from_layers([layer], 4.0 + worker_id, NUM_LAYERS)):
+            expected[worker_id] = model(input_ids=ids, attention_mask=mask).logits
+    barrier = threading.Barrier(len(layers))
+
+    def worker(worker_id: int) -> None:
+        route = SteeringRoute.from_layers([layers[worker_id]], 4.0 + worker_id, NUM_LAYERS)
+        barrier.wait()  # enter and leave `steer` at about the same time: hooks come and go under the others
+        for _ in range(4):
+            with engine.steer(AdditiveIntervention(vectors), route):
+                results[worker_id] = model(input_ids=ids, attention_mask=mask).logits
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(layers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for worker_id in range(len(layers)):
+        torch.testing.assert_close(results[worker_id], expected[worker_id])
+    assert not engine.has_hooks
 
 
 def test_route_validation():

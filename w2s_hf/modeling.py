@@ -358,7 +358,7 @@ class W2SSteeringModel(nn.Module):
 
         if routed_mask is attention_mask and max(reads) < min(steerable):  # decided inside the prompt's own pass
             route = SteeringRoute.from_layers([None] * batch, strength, self.num_layers, prompt_lengths)
-            return route, InPassRouter(tuple(reads), decide)
+            return route, InPassRouter(tuple(reads), decide, layers=tuple(steerable))
         decision = decide(early_block_outputs(self.base_model, self.engine.layers, reads, routed_ids, routed_mask),
                           routed_mask)
         chosen, vectors = decision if isinstance(decision, tuple) else (decision, None)

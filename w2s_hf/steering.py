@@ -248,11 +248,13 @@ class InPassRouter:
     [B, T] or None)` once. Each row is then steered at the layer id it returns (and with its row
     vector, when it returns `(layers, row_vectors)`) from there on, with no extra forward pass. Every
     layer it can return must be above `max(reads)`: blocks up to there have already run when it decides.
+    Naming them in `layers` lets the engine hook only those blocks (default: every block above).
 
     Example:
 
     ```python
-    >>> router = InPassRouter((0, 2), lambda outputs, mask: (choose_layers(outputs[0]), vectors_from(outputs[2])))
+    >>> router = InPassRouter((0, 2), lambda outputs, mask: (choose_layers(outputs[0]), vectors_from(outputs[2])),
+    ...                       layers=(6, 12, 18))
     >>> with engine.steer(intervention, SteeringRoute.from_layers([None] * batch, 4.0, engine.num_layers), router=router):
     ...     out = model.generate(**inputs)
     ```
@@ -260,11 +262,18 @@ class InPassRouter:
 
     reads: tuple[int, ...]
     predict: Callable[[dict[int, torch.Tensor], torch.Tensor | None], RouterDecision]
+    layers: tuple[int, ...] | None = None  # the layers it can return (None: any above its reads)
 
     def __post_init__(self) -> None:
         if not self.reads or any(int(layer) < 0 for layer in self.reads):
             raise ValueError(f"An in-pass router reads at least one block, by non-negative index; got {self.reads}.")
         object.__setattr__(self, "reads", tuple(sorted({int(layer) for layer in self.reads})))
+        if self.layers is not None:
+            layers = tuple(sorted({int(layer) for layer in self.layers}))
+            if not layers or layers[0] <= self.decision_layer:
+                raise ValueError(f"An in-pass router returns layers above the blocks it reads ({list(self.reads)}); "
+                                 f"got {list(layers)}.")
+            object.__setattr__(self, "layers", layers)
 
     @property
     def decision_layer(self) -> int:
@@ -298,11 +307,15 @@ class _ActiveSteering:
         """Replaces the route's layers (and row vectors) by the router's decision for the prompts it read."""
         decision = self.router.predict(self.reads, mask)
         layers, vectors = decision if isinstance(decision, tuple) else (decision, self.route.row_vectors)
-        route = self.route
+        route, router = self.route, self.router
         self.route = SteeringRoute.from_layers(layers.cpu(), route.strengths, route.num_layers, route.prompt_lengths,
                                                None if vectors is None else vectors.detach().float().cpu())
         self.router, self.expanded, self.reads = None, None, {}
         self.steered = frozenset(self.route.steered_layers())
+        allowed = router.layers if router.layers is not None else range(router.decision_layer + 1, route.num_layers)
+        if not self.steered <= set(allowed):
+            raise ValueError(f"The in-pass router chose layers {sorted(self.steered)}, but it can steer only "
+                             f"{list(allowed)} (the layers it names, above the blocks it reads).")
 
     def route_for(self, batch: int, device: torch.device) -> SteeringRoute:
         if batch % self.route.batch_size != 0:
@@ -364,8 +377,10 @@ class SteeringEngine:
     """Applies a routed intervention to the decoder blocks of a causal LM.
 
     Hooks are registered while at least one thread is inside :meth:`steer` and removed when the
-    last one leaves (also on exceptions). Each thread carries its own route, so two threads can
-    steer one shared model differently at the same time.
+    last one leaves (also on exceptions); a block is hooked only while some route can steer it or
+    its router reads it, so the other blocks run hook-free (this runs for every generated token).
+    Each thread carries its own route, so two threads can steer one shared model differently at the
+    same time.
 
     Args:
         model (`nn.Module`): a transformers causal LM or a PEFT model wrapping one.
@@ -391,10 +406,24 @@ class SteeringEngine:
         self._lock = threading.Lock()
         self._users = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._layer_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._layer_users: dict[int, int] = {}
 
     @property
     def has_hooks(self) -> bool:
-        return bool(self._handles)
+        return bool(self._handles or self._layer_handles)
+
+    @property
+    def hooked_layers(self) -> list[int]:
+        """The blocks that carry a steering hook right now."""
+        return sorted(self._layer_handles)
+
+    def _needed_layers(self, route: SteeringRoute, router: InPassRouter | None) -> set[int]:
+        layers = set(route.steered_layers())
+        if router is not None:
+            candidates = router.layers if router.layers is not None else range(router.decision_layer + 1, self.num_layers)
+            layers |= set(router.reads) | set(candidates)
+        return {layer for layer in layers if layer < self.num_layers}
 
     @contextmanager
     def steer(
@@ -413,45 +442,58 @@ class SteeringEngine:
                 f"The intervention has {intervention.num_layers} layers but the model has {self.num_layers}."
             )
         previous = getattr(self._local, "active", None)
+        layers = self._needed_layers(route, router)
+        self._acquire(layers)
         self._local.active = _ActiveSteering(route, policy, intervention, router=router)
-        self._acquire()
         try:
             yield
         finally:
             self._local.active = previous
-            self._release()
+            self._release(layers)
 
-    def _acquire(self) -> None:
+    def _acquire(self, layers: set[int]) -> None:
         with self._lock:
-            if self._users == 0:
-                try:
+            try:
+                if self._users == 0:
                     self._handles.append(self.core.register_forward_pre_hook(self._before_forward, with_kwargs=True))
                     self._handles.append(self.core.register_forward_hook(self._after_forward, always_call=True))
-                    for index, layer in enumerate(self.layers):
+                for index in layers:
+                    if index not in self._layer_handles:
                         # prepend: run before transformers' own output recorders, so that
                         # `output_hidden_states` reports the steered states.
-                        self._handles.append(layer.register_forward_hook(self._make_layer_hook(index), prepend=True))
-                except BaseException:
-                    self._remove_all()
-                    raise
+                        self._layer_handles[index] = self.layers[index].register_forward_hook(
+                            self._make_layer_hook(index), prepend=True
+                        )
+            except BaseException:
+                self._drop_unused(layers)
+                raise
+            for index in layers:
+                self._layer_users[index] = self._layer_users.get(index, 0) + 1
             self._users += 1
 
-    def _release(self) -> None:
+    def _release(self, layers: set[int]) -> None:
         with self._lock:
             self._users -= 1
-            if self._users == 0:
-                self._remove_all()
+            for index in layers:
+                self._layer_users[index] -= 1
+            self._drop_unused(layers)
 
-    def _remove_all(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _drop_unused(self, layers: set[int]) -> None:
+        """Removes the hooks no route uses any more (the block hooks among `layers`, the model's when idle)."""
+        for index in layers:
+            if self._layer_users.get(index, 0) == 0 and index in self._layer_handles:
+                self._layer_handles.pop(index).remove()
+                self._layer_users.pop(index, None)
+        if self._users == 0:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         active: _ActiveSteering | None = getattr(self._local, "active", None)
         if active is None:
             return
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        bound = self._signature.bind_partial(*args, **kwargs).arguments if args else kwargs  # generate: kwargs only
         reference = bound.get("input_ids")
         if reference is None:
             reference = bound.get("inputs_embeds")
