@@ -63,11 +63,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    def sync() -> None:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     cuda = args.device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
 
     def allocated() -> int:
         return torch.cuda.memory_allocated(args.device) if cuda else 0
@@ -90,14 +90,13 @@ def main() -> None:
         batch = tokenizer([text] * batch_size, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         routed = w2s.predict_layers(ids, mask).tolist()
-        model.generate(**batch, max_new_tokens=4)  # warm-up
-        w2s.generate(**batch, max_new_tokens=4)
-        w2s_internal.generate(**batch, max_new_tokens=4)
-        seconds = timed({"base": lambda: model.generate(**batch, **kwargs),
-                         "minilm": lambda: w2s.generate(**batch, **kwargs),
-                         "internal": lambda: w2s_internal.generate(**batch, **kwargs),
-                         "given": lambda: w2s.generate(**batch, steering_layer=routed, **kwargs)}, args.repeats, sync)
-        base, steered, steered_internal, given = seconds["base"], seconds["minilm"], seconds["internal"], seconds["given"]
+        for generator in (model, w2s, w2s_internal):
+            generator.generate(**batch, max_new_tokens=4)  # warm-up
+        runs = {"base": lambda: model.generate(**batch, **kwargs),
+                "W2S+MiniLM": lambda: w2s.generate(**batch, **kwargs),
+                "W2S+internal": lambda: w2s_internal.generate(**batch, **kwargs)}
+        seconds = timed({**runs, "given": lambda: w2s.generate(**batch, steering_layer=routed, **kwargs)}, args.repeats, sync)
+        base, steered, steered_internal, given = (seconds[name] for name in (*runs, "given"))
         tokens = batch_size * args.new_tokens
         print(f"batch {batch_size:3d}: base {tokens / base:8.1f} tok/s | W2S+MiniLM {tokens / steered:8.1f} tok/s "
               f"({base / steered:.3f}x) | W2S+internal {tokens / steered_internal:8.1f} tok/s ({base / steered_internal:.3f}x)")
@@ -106,9 +105,7 @@ def main() -> None:
               f"routed layers: MiniLM {sorted(set(routed))}, internal {sorted(set(internal_layers))}")
         if cuda:
             peaks = {}
-            for name, run in (("base", lambda: model.generate(**batch, **kwargs)),
-                              ("W2S+MiniLM", lambda: w2s.generate(**batch, **kwargs)),
-                              ("W2S+internal", lambda: w2s_internal.generate(**batch, **kwargs))):
+            for name, run in runs.items():
                 torch.cuda.reset_peak_memory_stats(args.device)
                 start = allocated()
                 run()

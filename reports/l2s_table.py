@@ -38,10 +38,13 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import fields
+from functools import cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from w2s_hf.bundle import BundleConfig, SteeringBundle
 from w2s_hf.data import PROMPT_VARIANTS, behavior_info, load_behavior, split_dataset
@@ -71,12 +74,13 @@ SHORT = {"caa_fixed": "CAA fixed", "caa_w2s": "CAA+W2S", "l2s_fixed": "L2S fixed
          "l2s_at_caa_router": "L2S @ CAA router", "oracle_fixed": "oracle"}
 
 
-def routed_layers(bundle: SteeringBundle, encoder, tokenizer, items) -> list[int]:
-    """A bundle's layer for every item: its router's choice, or its fixed layer without a router."""
+def routed_layers(bundle: SteeringBundle, n_items: int, embeddings: Callable[[], torch.Tensor]) -> list[int]:
+    """A bundle's layer for each of `n_items` items: its router's choice (read from `embeddings()`, the
+    items' router inputs), or its fixed layer without a router."""
     if bundle.config.predictor is None:
-        return [int(bundle.config.fixed_layer)] * len(items)
+        return [int(bundle.config.fixed_layer)] * n_items
     predictor = LayerPredictor.from_config_dict(bundle.config.predictor, bundle.predictor_state_dict()).eval()
-    return predictor.predict_layers(embed_items(encoder, tokenizer, items)).tolist()
+    return predictor.predict_layers(embeddings()).tolist()
 
 
 def with_router(bundle: SteeringBundle, router: RouterFit, encoder) -> SteeringBundle:
@@ -162,11 +166,12 @@ def score_variant(model, behavior: Behavior, l2s: SteeringBundle, result: dict, 
     items = behavior.items("test", variant, limit=fit.max_eval)
     networks = L2SNetworks.from_config_dict(l2s.config.l2s, l2s.l2s_state_dict()).eval()
     caa, caa_fixed = behavior.bundle.steering_vectors, result["caa_fixed_layer"]
-    caa_routed = routed_layers(behavior.bundle, behavior.encoder, tokenizer, items)
+    embeddings = cache(lambda: embed_items(behavior.encoder, tokenizer, items))  # one encoding for both routers
+    caa_routed = routed_layers(behavior.bundle, len(items), embeddings)
     common = dict(multipliers=fit.multipliers, batch_size=fit.batch_size, policy=fit.position_policy)
     contexts = context_representations(model, items, pad_id)
     scores = evaluate_l2s(model, items, networks, pad_id, fixed_layer=result["l2s_fixed_layer"],
-                          predicted_layers=routed_layers(l2s, behavior.encoder, tokenizer, items),
+                          predicted_layers=routed_layers(l2s, len(items), embeddings),
                           oracle=oracle_vectors(model, items, pad_id), contexts=contexts, engine=engine, **common)
     base = None if scores["base"] is None else np.asarray(scores["base"])
     row = {name: scores[name] for name in ("l2s_fixed", "l2s_w2s", "oracle_fixed")}
