@@ -39,9 +39,9 @@ def synthetic_bundle(model, input_dim: int, encoder_spec: dict) -> SteeringBundl
     return SteeringBundle(config, tensors)
 
 
-def timed(functions: dict, repeats: int, sync) -> dict[str, float]:
-    """Median seconds of each function; the functions take turns in every round, each round starting one
-    further along the list, so drift and order effects hit all alike."""
+def timed(functions: dict, repeats: int, sync) -> dict[str, list[float]]:
+    """Seconds of each function in every round; the functions take turns in every round, each round
+    starting one further along the list, so drift and order effects hit all alike."""
     times: dict[str, list[float]] = {name: [] for name in functions}
     names = list(functions)
     for round_ in range(repeats):
@@ -52,7 +52,14 @@ def timed(functions: dict, repeats: int, sync) -> dict[str, float]:
             function()
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def speed_ratio(base: list[float], other: list[float]) -> str:
+    """Median over rounds of the base's time over the other's in the same round (tokens/s of the other
+    relative to the base), with the lowest and highest round: the spread tells noise from a real gap."""
+    ratios = [b / o for b, o in zip(base, other)]
+    return f"{statistics.median(ratios):.3f}x, rounds {min(ratios):.3f}-{max(ratios):.3f}"
 
 
 def main() -> None:
@@ -85,7 +92,8 @@ def main() -> None:
     internal = InternalEncoder(model, tokenizer, layer=2)
     w2s_internal = W2SSteeringModel(model, synthetic_bundle(model, 576, internal.spec()), tokenizer=tokenizer, encoder=internal)
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    print(f"device={args.device} threads={torch.get_num_threads()} new_tokens={args.new_tokens} repeats={args.repeats} (median)")
+    print(f"device={args.device} threads={torch.get_num_threads()} new_tokens={args.new_tokens} repeats={args.repeats} "
+          "(tok/s: median round; ratio: median of per-round ratios to the base, with the lowest and highest)")
     for batch_size in args.batch_sizes:
         batch = tokenizer([text] * batch_size, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -95,13 +103,16 @@ def main() -> None:
         runs = {"base": lambda: model.generate(**batch, **kwargs),
                 "W2S+MiniLM": lambda: w2s.generate(**batch, **kwargs),
                 "W2S+internal": lambda: w2s_internal.generate(**batch, **kwargs)}
-        seconds = timed({**runs, "given": lambda: w2s.generate(**batch, steering_layer=routed, **kwargs)}, args.repeats, sync)
-        base, steered, steered_internal, given = (seconds[name] for name in (*runs, "given"))
+        rounds = timed({**runs, "given": lambda: w2s.generate(**batch, steering_layer=routed, **kwargs)}, args.repeats, sync)
+        seconds = {name: statistics.median(values) for name, values in rounds.items()}
         tokens = batch_size * args.new_tokens
-        print(f"batch {batch_size:3d}: base {tokens / base:8.1f} tok/s | W2S+MiniLM {tokens / steered:8.1f} tok/s "
-              f"({base / steered:.3f}x) | W2S+internal {tokens / steered_internal:8.1f} tok/s ({base / steered_internal:.3f}x)")
+
+        def rate(name: str) -> str:
+            return f"{tokens / seconds[name]:8.1f} tok/s" + ("" if name == "base" else f" ({speed_ratio(rounds['base'], rounds[name])})")
+
+        print(f"batch {batch_size:3d}: base {rate('base')} | W2S+MiniLM {rate('W2S+MiniLM')} | W2S+internal {rate('W2S+internal')}")
         internal_layers = w2s_internal.predict_layers(ids, mask).tolist()
-        print(f"           MiniLM layers given (no routing): {tokens / given:8.1f} tok/s ({base / given:.3f}x); "
+        print(f"           MiniLM layers given (no routing): {rate('given')}; "
               f"routed layers: MiniLM {sorted(set(routed))}, internal {sorted(set(internal_layers))}")
         if cuda:
             peaks = {}
@@ -113,7 +124,7 @@ def main() -> None:
             print("           generate peak above resident: " + " | ".join(
                 f"{name} {value / 2**20:.2f} MiB" for name, value in peaks.items()))
         for name, model_ in (("MiniLM", w2s), ("internal", w2s_internal)):
-            routing = timed({name: lambda: model_.predict_layers(ids, mask)}, max(5, args.repeats), sync)[name]
+            routing = statistics.median(timed({name: lambda: model_.predict_layers(ids, mask)}, max(5, args.repeats), sync)[name])
             print(f"           routing ({name}): {1000 * routing / batch_size:7.2f} ms per prompt")
     if cuda:
         print(f"resident on {args.device}: base model {base_bytes / 2**20:.1f} MiB, MiniLM encoder "
