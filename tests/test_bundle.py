@@ -82,6 +82,43 @@ def test_bundle_for_another_model_is_refused():
         bundle.check_compatible(make_model("llama", num_layers=NUM_LAYERS - 1))
 
 
+def test_bundle_for_another_architecture_of_the_same_shape_is_refused():
+    bundle = fixed_bundle(make_model("llama"))
+    gpt2 = make_model("gpt2")  # same hidden size and layer count, other features in its layers
+    with pytest.raises(BundleError, match=r"a 'llama' model, but the base model is a 'gpt2' model.*its own base model"):
+        bundle.check_compatible(gpt2)
+    bundle.check_compatible(make_model("llama", seed=5))  # the same architecture passes
+
+
+def test_a_base_model_without_a_name_gets_a_warning(caplog):
+    bundle = fixed_bundle(make_model("llama"))
+    nameless = make_model("llama")
+    nameless.config._name_or_path = ""
+    with caplog.at_level(logging.WARNING, logger="w2s_hf.bundle"):
+        bundle.check_compatible(nameless)
+    assert "has no name" in caplog.text and "'tiny-llama'" in caplog.text
+
+
+def test_a_local_base_model_is_recorded_by_absolute_path(tmp_path, monkeypatch, caplog):
+    model = make_model("llama")
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    model.config._name_or_path = "models/tiny"  # as `from_pretrained("models/tiny")` leaves it
+    info = describe_base_model(model)
+    assert info["name_or_path"] == str((tmp_path / "models" / "tiny").resolve())
+    bundle = SteeringBundle(BundleConfig(base_model=info, fixed_layer=2), {"steering_vectors": torch.zeros(NUM_LAYERS, HIDDEN)})
+    with caplog.at_level(logging.WARNING, logger="w2s_hf.bundle"):
+        bundle.check_compatible(model)  # the relative name is the same folder: no warning
+    assert caplog.text == ""
+    assert describe_base_model(make_model("llama"))["name_or_path"] == "tiny-llama"  # Hub ids are kept as they are
+
+
+def test_internal_encoder_layer_out_of_range_is_refused():
+    info = describe_base_model(make_model("llama"))
+    with pytest.raises(BundleError, match=f"internal prompt encoder reads layer {NUM_LAYERS}, out of range"):
+        BundleConfig(base_model=info, fixed_layer=2, encoder={"type": "internal", "layer": NUM_LAYERS}).validate()
+
+
 def test_interrupted_save_never_loads_as_valid(tmp_path, monkeypatch):
     old = fixed_bundle()
     old.save(tmp_path)

@@ -165,7 +165,7 @@ def test_network_formula_and_bundle_round_trip_give_identical_vectors(tmp_path):
                            {"steering_vectors": bundle.steering_vectors})
     only_3 = L2SNetworks(1, {3: L2SNetwork(HIDDEN)})
     assert l2s_bundle(fixed, only_3, fixed_layer=3).config.fixed_layer == 3  # the L2S fixed layer replaces the CAA one
-    with pytest.raises(BundleError, match="fixed layer 2 has no L2S network"):
+    with pytest.raises(BundleError, match=r"fixed layer 2, which has no L2S network.*pass `fixed_layer=`"):
         l2s_bundle(fixed, only_3)
     w2s = W2SSteeringModel(model, bundle, tokenizer=make_tokenizer())
     context, layers = torch.randn(5, HIDDEN), torch.tensor([2, 3, -1, 3, 2])

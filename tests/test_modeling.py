@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from conftest import HIDDEN, NUM_LAYERS, make_model, make_tokenizer
@@ -153,6 +154,42 @@ def test_attribute_forwarding_and_bad_calls(w2s):
     with pytest.raises(ValueError, match="no real token"):
         w2s.generate(input_ids=batch["input_ids"], attention_mask=torch.zeros_like(batch["attention_mask"]))
     assert not w2s.engine.has_hooks
+
+
+def test_numpy_and_tensor_scalars_steer_like_python_numbers(w2s):
+    batch = encode(w2s.tokenizer)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    reference = w2s.generate(**batch, steering_layer=2, steering_strength=3.0, **kwargs)
+    for layer, strength in [(np.int64(2), np.float32(3.0)), (torch.tensor(2), torch.tensor(3.0)),
+                            (np.array([2, 2, 2]), np.full(3, 3.0)), (torch.tensor([2, 2, 2]), [3.0, 3, 3])]:
+        assert torch.equal(w2s.generate(**batch, steering_layer=layer, steering_strength=strength, **kwargs), reference)
+    with w2s.steering(layer=np.int64(2), strength=np.float64(3.0)):
+        assert torch.equal(w2s.generate(**batch, **kwargs), reference)
+    unsteered_row = w2s.generate(**batch, steering_layer=[2, -1, 2], steering_strength=3.0, **kwargs)
+    assert torch.equal(unsteered_row, w2s.generate(**batch, steering_layer=[2, None, 2], steering_strength=3.0, **kwargs))
+    with w2s.disable_steering():
+        plain = w2s.generate(**batch, **kwargs)
+    assert torch.equal(unsteered_row[1], plain[1]) and torch.equal(unsteered_row[0], reference[0])
+    lengths = batch["attention_mask"].sum(-1)
+    assert torch.equal(w2s(**batch, steering_prompt_lengths=lengths.tolist()).logits,
+                       w2s(**batch, steering_prompt_lengths=lengths).logits)
+
+
+def test_from_pretrained_says_what_to_do_when_the_base_model_cannot_load(tmp_path):
+    model = make_model("llama")
+    bundle = make_bundle(model)
+    bundle.config.base_model["name_or_path"] = "/nonexistent/w2s-model"
+    bundle.save(tmp_path)
+    with pytest.raises(BundleError, match=r"'/nonexistent/w2s-model', whose base model cannot be loaded here \(no such "
+                                          r"folder\).*from_pretrained\(bundle, base_model=model, tokenizer=tokenizer\)"):
+        W2SSteeringModel.from_pretrained(tmp_path)
+    own = W2SSteeringModel.from_pretrained(tmp_path, base_model=model)  # the tokenizer is only loaded when needed
+    ids = encode(make_tokenizer())["input_ids"]
+    assert own.generate(input_ids=ids, steering_layer=2, max_new_tokens=2, pad_token_id=0).shape[1] == ids.shape[1] + 2
+    with pytest.raises(BundleError, match=r"^The bundle was trained on .*, whose tokenizer cannot be loaded"):
+        own.generate(input_ids=ids, max_new_tokens=2, pad_token_id=0)  # routing builds the encoder, which needs it
+    with pytest.raises(TypeError, match=r"\['device_map'\] load the bundle's base model, but `base_model=` was given"):
+        W2SSteeringModel.from_pretrained(tmp_path, base_model=model, device_map="cpu")
 
 
 def count_forwards(model) -> tuple[dict, object]:

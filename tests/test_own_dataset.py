@@ -70,6 +70,18 @@ def test_fit_from_an_in_memory_dataset_with_renamed_columns(tmp_path):
     generated = loaded.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, batch["input_ids"].shape[1] + 4)
 
+    assert not torch.equal(loaded(**batch).logits, model(**batch).logits), "the wrapper steers its own forward"
+    again, _ = fit_bundle(loaded, tokenizer, config, tmp_path / "again", dataset=dataset, column_mapping=MAPPING,
+                          progress=False, evaluate=False)  # a steering model given stands for its base model
+    assert torch.equal(again.steering_vectors, bundle.steering_vectors)
+
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    bad_layers = FitConfig("tea", encoder=config.encoder, layers=[1, NUM_LAYERS])
+    with pytest.raises(ValueError, match=rf"FitConfig.layers \[{NUM_LAYERS}\] are out of range .* {NUM_LAYERS} layers"):
+        fit_bundle(model, tokenizer, bad_layers, tmp_path / "z", dataset=dataset, column_mapping=MAPPING, progress=False)
+    handle.remove()
+    assert not forwards, "bad layers are refused before any forward pass"
     with pytest.raises(ValueError, match="variants"):
         fit_bundle(model, tokenizer, FitConfig("tea", variants=("BASE", "SYS.POS")), tmp_path / "x", dataset=dataset,
                    column_mapping=MAPPING)

@@ -336,7 +336,24 @@ BAD_CALLS: dict[str, tuple[Callable[[W2SSteeringModel], object], type[Exception]
         lambda w: w(**_batch(w), steering_strength=torch.tensor([1.0, 1.0, float("inf")])), ValueError, "finite",
     ),
     "generate-wrong-number-of-strengths": (
-        lambda w: w.generate(**_batch(w), steering_strength=[1.0, 2.0], **GENERATE), ValueError, "Expected 3 strengths",
+        lambda w: w.generate(**_batch(w), steering_strength=[1.0, 2.0], **GENERATE), ValueError,
+        "`steering_strength` has 2 entries for a batch of 3",
+    ),
+    "generate-strength-not-a-number": (
+        lambda w: w.generate(**_batch(w), steering_strength="2", **GENERATE), TypeError, "a number or one number per row",
+    ),
+    "generate-wrong-number-of-layers": (
+        lambda w: w.generate(**_batch(w), steering_layer=[1, 2], **GENERATE), ValueError,
+        "`steering_layer` has 2 entries for a batch of 3",
+    ),
+    "generate-layer-not-an-int": (
+        lambda w: w.generate(**_batch(w), steering_layer=1.5, **GENERATE), TypeError, "takes layer indices",
+    ),
+    "steering-context-layer-not-an-int": (
+        _call_under(lambda w: w.steering(layer="2"), lambda w: w(**_batch(w))), TypeError, "takes layer indices",
+    ),
+    "forward-wrong-number-of-prompt-lengths": (
+        lambda w: w(**_batch(w), steering_prompt_lengths=[3, 2]), ValueError, "one length per row",
     ),
     "steering-context-strength-nan": (
         _call_under(lambda w: w.steering(strength=float("nan")), lambda w: w(**_batch(w))), ValueError, "finite",

@@ -9,6 +9,8 @@ from conftest import NUM_LAYERS, make_model, make_tokenizer
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from w2s_hf import BundleConfig, SteeringBundle, W2SSteeringModel
+from w2s_hf.bundle import describe_base_model
 from w2s_hf.data import BehaviorInfo
 from w2s_hf.metrics import steerability
 from w2s_hf.protocols import build_item
@@ -165,6 +167,31 @@ def test_interrupted_sweep_resumes_without_recomputing_finished_layers(tmp_path,
     assert steered_forwards <= (total_units - len(finished)) + chunks_total
     with pytest.raises(ValueError, match="another sweep"):
         layer_sweep(model, items, vectors * 2, 0, batch_size=4, progress=False, cache_dir=tmp_path)
+
+
+def test_a_steering_model_stands_for_its_base_model_in_sweeps():
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    items = [build_item(e, "statement", tokenizer, INFO) for e in toy_examples()]
+    vectors = torch.randn(NUM_LAYERS, 32, generator=torch.Generator().manual_seed(0))
+    config = BundleConfig(base_model=describe_base_model(model), fixed_layer=1, default_strength=8.0)
+    steered = W2SSteeringModel(model, SteeringBundle(config, {"steering_vectors": vectors}), tokenizer=tokenizer)
+    ids = torch.tensor([items[0].sequences[0].input_ids])
+    assert not torch.equal(steered(input_ids=ids).logits, model(input_ids=ids).logits), "its own forward steers"
+    assert torch.equal(caa_vectors(steered, items, 0, progress=False), caa_vectors(model, items, 0, progress=False))
+    sweep = dict(layers=[1, 2], multipliers=(-1.0, 0.0, 1.0), batch_size=4, progress=False)
+    np.testing.assert_array_equal(layer_sweep(steered, items, vectors, 0, **sweep)["propensity"],
+                                  layer_sweep(model, items, vectors, 0, **sweep)["propensity"])
+    assert SteeringEngine(steered).model is model
+
+
+def test_out_of_range_sweep_layers_are_refused_before_any_forward():
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    items = [build_item(e, "statement", tokenizer, INFO) for e in toy_examples()]
+    forwards = []
+    model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    with pytest.raises(ValueError, match=rf"Layers \[{NUM_LAYERS}, -1\] are out of range for a model with {NUM_LAYERS} layers"):
+        layer_sweep(model, items, torch.zeros(NUM_LAYERS, 32), 0, layers=[1, NUM_LAYERS, -1], progress=False)
+    assert not forwards
 
 
 def test_pad_batch_right_pads():

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import block_output, find_decoder_layers, unwrap_base_model
+from .layers import block_output, find_decoder_layers, unsteered, unwrap_base_model
 from .protocols import Item
 from .steering import SteeringEngine
 from .sweep import capture_block_outputs, layer_sweep, pad_batch
@@ -436,6 +436,7 @@ def attention_features(
     torch.Size([120, 30, 576])
     ```
     """
+    model = unsteered(model)
     reads = [
         (index, item.sequences[s].input_ids, pos, sign) for index, item in enumerate(items) for s, pos, sign in item.caa
     ]
@@ -522,6 +523,7 @@ def attention_vectors(
     >>> several = attention_vectors(model, items, tok.pad_token_id, num_directions=4)  # [30, 4, 576]
     ```
     """
+    model = unsteered(model)
     return feature_directions(attention_features(model, items, pad_id, **feature_kwargs), num_directions)
 
 
@@ -648,6 +650,7 @@ def layer_relevance(
     >>> relevance.top(3), relevance.to_dict()["score"]
     ```
     """
+    model = unsteered(model)
     features = features if features is not None else attention_features(
         model, items, pad_id, batch_size=batch_size, progress=progress
     )

@@ -134,6 +134,13 @@ class BundleConfig:
                 f"Unknown prompt-encoder spec {self.encoder!r} in the bundle; this w2s-hf knows the types "
                 f"{list(ENCODER_TYPES)} (upgrade w2s-hf if the bundle is newer)."
             )
+        if self.encoder is not None and self.encoder["type"] == "internal":
+            layer = self.encoder.get("layer")
+            if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
+                raise BundleError(
+                    f"The internal prompt encoder reads layer {layer!r}, out of range for {self.num_layers} layers; "
+                    f"the bundle is for another model or corrupt, fix encoder.layer in {CONFIG_NAME} or re-train it."
+                )
 
     def _validate_l2s(self) -> None:
         if (self.method == "l2s") != (self.l2s is not None):
@@ -202,11 +209,20 @@ class BundleConfig:
         return config
 
 
+def model_name(model: nn.Module) -> str:
+    """The name a bundle records for `model`: its Hub id, or its local folder made absolute (so that the
+    bundle reloads it from any working directory); `""` for a model built from a config."""
+    name = unwrap_base_model(model).config._name_or_path or ""
+    if name and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
 def describe_base_model(model: nn.Module, gguf_file: str | None = None, revision: str | None = None) -> dict:
     """The `base_model` entry of a bundle config for `model`."""
     core = unwrap_base_model(model)
     info = {
-        "name_or_path": core.config._name_or_path,
+        "name_or_path": model_name(core),
         "revision": revision,
         "gguf_file": gguf_file,
         "model_type": core.config.model_type,
@@ -297,7 +313,8 @@ class SteeringBundle:
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def check_compatible(self, model: nn.Module) -> None:
-        """Refuses a base model whose shape does not match the bundle; warns on another model id."""
+        """Refuses a base model whose shape or architecture (`model_type`) does not match the bundle; warns on
+        another model id, or a model without one."""
         hidden = hidden_size_of(model)
         layers = len(find_decoder_layers(model))
         expected = self.config.base_model
@@ -312,8 +329,21 @@ class SteeringBundle:
                 f"{' and '.join(problems)}. Load the bundle with its own base model "
                 f"(`W2SSteeringModel.from_pretrained(bundle)` without `base_model=`) or re-train it for this model."
             )
-        name = unwrap_base_model(model).config._name_or_path
-        if name and name != expected["name_or_path"]:
+        model_type = unwrap_base_model(model).config.model_type
+        if expected.get("model_type") and model_type != expected["model_type"]:
+            raise BundleError(
+                f"This bundle was trained for {expected['name_or_path']!r}, a {expected['model_type']!r} model, but the "
+                f"base model is a {model_type!r} model: its layers hold other features even at the same shape. Load "
+                "the bundle with its own base model or re-train it for this model."
+            )
+        name = model_name(model)
+        if not name and expected["name_or_path"]:
+            logger.warning(
+                "The base model has no name (config._name_or_path is empty), so w2s-hf cannot check that it is %r, "
+                "the model this bundle was trained on.",
+                expected["name_or_path"],
+            )
+        elif name != expected["name_or_path"]:
             logger.warning(
                 "Bundle was trained on %r and is being applied to %r (same shape). Steering may not transfer.",
                 expected["name_or_path"],

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .bundle import BundleConfig, BundleError, SteeringBundle
 from .labels import fixed_layer as best_mean_column
-from .layers import block_output
+from .layers import block_output, unsteered
 from .metrics import summarize
 from .predictor import train_minibatches
 from .protocols import Item
@@ -82,6 +82,7 @@ def oracle_vectors(
     torch.Size([400, 30, 576])
     ```
     """
+    model = unsteered(model)
     pairs = [paired_reads(item) for item in items]
     reads = [(item.sequences[s].input_ids, p) for item, pair in zip(items, pairs) for s, p in pair]
     device = _device_of(model)
@@ -129,6 +130,7 @@ def context_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     torch.Size([4, 576])
     ```
     """
+    model = unsteered(model)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -151,6 +153,7 @@ def context_representations(
     torch.Size([400, 576])
     ```
     """
+    model = unsteered(model)
     device = _device_of(model)
     chunks = []
     for start in tqdm(range(0, len(items), batch_size), desc="context states", disable=not progress):
@@ -494,6 +497,7 @@ def oracle_fixed_layer(
     >>> layer, sweep = oracle_fixed_layer(model, train_items, oracle_train, tok.pad_token_id, layers=range(0, 30, 3))
     ```
     """
+    model = unsteered(model)
     sweep = layer_sweep(model, items, oracle, pad_id, layers=layers, multipliers=multipliers, **sweep_kwargs)
     return int(sweep["layers"][best_mean_column(sweep["steerability"])]), sweep
 
@@ -537,6 +541,7 @@ def evaluate_l2s(
     >>> result["l2s_w2s"]["steerability"], result["l2s_fixed"]["steerability"]
     ```
     """
+    model = unsteered(model)
     engine = engine or SteeringEngine(model)
     oracle = oracle_vectors(model, items, pad_id, progress=progress) if oracle is None else oracle
     contexts = context_representations(model, items, pad_id, progress=progress) if contexts is None else contexts
@@ -587,6 +592,12 @@ def l2s_bundle(
     """
     if bundle.config.method != "caa":
         raise BundleError(f"L2S bundles are built from additive (caa) bundles, not {bundle.config.method!r} ones.")
+    fixed = bundle.config.fixed_layer if fixed_layer is None else int(fixed_layer)
+    if fixed is not None and fixed not in networks.layers:
+        raise BundleError(
+            f"The L2S bundle would keep the fixed layer {fixed}, which has no L2S network (networks: "
+            f"{list(networks.layers)}); pass `fixed_layer=`, the layer `fit_l2s` was fitted for."
+        )
     data = bundle.config.to_dict()
     data.pop("bundle_id")  # a new bundle gets a new id
     data.update(method="l2s", l2s=networks.config_dict())

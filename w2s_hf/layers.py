@@ -41,6 +41,32 @@ def unwrap_base_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def unsteered(model: nn.Module) -> nn.Module:
+    """The model that training and measuring code runs on: the base model of a `W2SSteeringModel`
+    (whose own forward steers every pass, so vectors and sweeps taken through it would be off), else
+    `model` itself.
+
+    Example:
+
+    ```python
+    >>> unsteered(W2SSteeringModel(base, bundle)) is base
+    True
+    ```
+    """
+    from .modeling import W2SSteeringModel
+
+    return model.base_model if isinstance(model, W2SSteeringModel) else model
+
+
+def check_layer_ids(layers: Sequence[int], num_layers: int, what: str = "Layers") -> list[int]:
+    """`layers` as ints, each a block of a `num_layers`-block model; raises `ValueError` naming the bad ones."""
+    ids = [int(layer) for layer in layers]
+    bad = [layer for layer in ids if not 0 <= layer < num_layers]
+    if bad:
+        raise ValueError(f"{what} {bad} are out of range for a model with {num_layers} layers (0 to {num_layers - 1}).")
+    return ids
+
+
 def _resolve(root: nn.Module, path: str) -> nn.Module | None:
     obj: object = root
     for part in path.split("."):

@@ -7,6 +7,7 @@ steering bundle is ever saved.
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from huggingface_hub.errors import HFValidationError
 from torch import nn
 
 from .bundle import BundleError, SteeringBundle
@@ -60,6 +62,70 @@ def embed_prompts(
     return encoder.encode_texts(prompt_texts(tokenizer, input_ids, attention_mask))
 
 
+def _is_scalar(value: object) -> bool:
+    """A Python or NumPy number, or a 0-d tensor or array."""
+    return isinstance(value, numbers.Number) or getattr(value, "ndim", None) == 0
+
+
+def _layer_index(value: object, name: str) -> int:
+    """`value` as a layer index: an integer of any kind (`3`, `np.int64(3)`, `torch.tensor(3)`)."""
+    if _is_scalar(value) and not isinstance(value, bool):
+        number = value.item() if hasattr(value, "item") else value
+        if isinstance(number, numbers.Integral):
+            return int(number)
+    raise TypeError(f"`{name}` takes layer indices (ints), got {value!r}.")
+
+
+def _layer_rows(layer: object, num_layers: int, batch: int | None = None, name: str = "steering_layer") -> list | None:
+    """A `steering_layer` argument as one entry per row (`int`, `None`: not steered, or a tuple of ints).
+
+    One layer (an int, `-1` or `None` for "not steered") applies to every row; a list or 1-d tensor
+    gives each row its own entry, and a row's entry may be a tuple of layers. `batch=None` only checks.
+    """
+    if layer is None:
+        return None
+    if isinstance(layer, (str, bytes)) or (_is_scalar(layer) and not isinstance(layer, bool)):
+        index = _layer_index(layer, name)
+        rows = [None if index == -1 else index] * (1 if batch is None else batch)
+    else:
+        try:
+            entries = list(layer.tolist() if hasattr(layer, "tolist") else layer)
+        except TypeError:
+            raise TypeError(f"`{name}` takes a layer index or one entry per row, got {layer!r}.") from None
+        rows = []
+        for entry in entries:
+            if entry is None:
+                rows.append(None)
+            elif isinstance(entry, (tuple, list)):
+                rows.append(tuple(_layer_index(i, name) for i in entry))
+            else:
+                index = _layer_index(entry, name)
+                rows.append(None if index == -1 else index)
+        if batch is not None and len(rows) != batch:
+            raise ValueError(f"`{name}` has {len(rows)} entries for a batch of {batch}; give one layer, or one entry per row.")
+    bad = sorted({i for row in rows for i in (row if isinstance(row, tuple) else [row])
+                  if i is not None and not 0 <= i < num_layers})
+    if bad:
+        raise ValueError(f"Layer ids {bad} are out of range for a model with {num_layers} layers "
+                         f"(0 to {num_layers - 1}; -1 or None: row not steered).")
+    return rows
+
+
+def _strength_rows(strength: object, batch: int | None = None, name: str = "steering_strength") -> float | list[float]:
+    """A `steering_strength` argument as one float, or one per row (checked finite, `batch` entries)."""
+    if isinstance(strength, (str, bytes)):
+        raise TypeError(f"`{name}` takes a number or one number per row, got {strength!r}.")
+    if _is_scalar(strength):
+        return check_strength(strength.item() if hasattr(strength, "item") else strength)
+    try:
+        values = [check_strength(value) for value in (strength.tolist() if hasattr(strength, "tolist") else strength)]
+    except TypeError:
+        raise TypeError(f"`{name}` takes a number or one number per row, got {strength!r}.") from None
+    if batch is not None and len(values) != batch:
+        raise ValueError(f"`{name}` has {len(values)} entries for a batch of {batch}; give one number, or one per row.")
+    return values
+
+
 def build_intervention(bundle: SteeringBundle) -> Intervention:
     """The intervention a bundle's `method` names (`l2s`: additive, every route carries the L2S row vectors)."""
     if bundle.config.method in ("caa", "l2s"):
@@ -67,6 +133,28 @@ def build_intervention(bundle: SteeringBundle) -> Intervention:
     from .rotation import RotationIntervention
 
     return RotationIntervention.from_bundle(bundle)
+
+
+def _load_named(bundle: SteeringBundle, what: str, loader, **kwargs):
+    """Loads the bundle's base model or tokenizer with `loader`; a failure says what to pass instead."""
+    info = bundle.config.base_model
+    try:
+        return loader(info["name_or_path"], revision=info.get("revision"), gguf_file=info.get("gguf_file"), **kwargs)
+    except (OSError, HFValidationError) as err:
+        name = info["name_or_path"]
+        local = name.startswith((os.sep, ".", "~")) and not os.path.exists(os.path.expanduser(name))
+        raise BundleError(
+            f"The bundle was trained on {name!r}, whose {what} cannot be loaded here "
+            f"({'no such folder' if local else err}). "
+            "Load that model yourself and pass it: `W2SSteeringModel.from_pretrained(bundle, base_model=model, "
+            "tokenizer=tokenizer)`."
+        ) from err
+
+
+def _bundle_tokenizer(bundle: SteeringBundle):
+    from .defaults import load_tokenizer
+
+    return _load_named(bundle, "tokenizer", load_tokenizer)
 
 
 @dataclass
@@ -164,18 +252,24 @@ class W2SSteeringModel(nn.Module):
                 in the bundle config is loaded (the packaged SmolLM2 for the embedded default).
             tokenizer (*optional*): its tokenizer.
             revision, token, cache_dir: Hub options for the bundle.
-            base_model_kwargs: passed to the base model's `from_pretrained` (`device_map`, `dtype`, ...).
-        """
-        from .defaults import load_base_model, load_tokenizer
+            base_model_kwargs: passed to the base model's `from_pretrained` (`device_map`, `dtype`, ...)
+                when the bundle's base model is loaded here (not with `base_model=`).
 
-        bundle = SteeringBundle.load(bundle_name_or_path, revision=revision, token=token, cache_dir=cache_dir)
-        info = bundle.config.base_model
-        if base_model is None:
-            base_model = load_base_model(
-                info["name_or_path"], revision=info.get("revision"), gguf_file=info.get("gguf_file"), **base_model_kwargs
+        Raises:
+            `BundleError`: the bundle is invalid, or its base model cannot be loaded (pass `base_model=`).
+        """
+        from .defaults import load_base_model
+
+        if base_model is not None and base_model_kwargs:
+            raise TypeError(
+                f"{sorted(base_model_kwargs)} load the bundle's base model, but `base_model=` was given, so they would "
+                "be ignored; load your model with them, or drop `base_model=`."
             )
-        if tokenizer is None:
-            tokenizer = load_tokenizer(info["name_or_path"], revision=info.get("revision"), gguf_file=info.get("gguf_file"))
+        bundle = SteeringBundle.load(bundle_name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+        if base_model is None:
+            base_model = _load_named(bundle, "base model", load_base_model, **base_model_kwargs)
+            if tokenizer is None:  # a model loaded here comes with its tokenizer; a given one gets it on first use
+                tokenizer = _bundle_tokenizer(bundle)
         return cls(base_model, bundle, tokenizer=tokenizer, encoder=encoder, layers_path=layers_path)
 
     def save_pretrained(
@@ -245,12 +339,7 @@ class W2SSteeringModel(nn.Module):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .defaults import load_tokenizer
-
-            info = self.bundle.config.base_model
-            self._tokenizer = load_tokenizer(
-                info["name_or_path"], revision=info.get("revision"), gguf_file=info.get("gguf_file")
-            )
+            self._tokenizer = _bundle_tokenizer(self.bundle)
         return self._tokenizer
 
     @property
@@ -259,6 +348,8 @@ class W2SSteeringModel(nn.Module):
             spec = self.bundle.config.encoder
             try:
                 self._encoder = encoder_from_spec(spec, self.base_model, self.tokenizer)
+            except BundleError:
+                raise
             except (OSError, ValueError, ImportError) as err:
                 raise BundleError(
                     f"The bundle routes prompts with the encoder {spec} but it cannot be built "
@@ -323,19 +414,23 @@ class W2SSteeringModel(nn.Module):
         if attention_mask is not None and (attention_mask.sum(-1) == 0).any():
             raise ValueError("A row of the batch has no real token (attention mask all zero); remove empty prompts.")
         batch = input_ids.shape[0]
-        if prompt_lengths is None:
+        if prompt_lengths is not None:
+            prompt_lengths = torch.as_tensor(prompt_lengths, dtype=torch.long).cpu()
+            if prompt_lengths.shape != (batch,):
+                raise ValueError(f"`steering_prompt_lengths` must hold one length per row ({batch}), "
+                                 f"got shape {tuple(prompt_lengths.shape)}.")
+        else:
             prompt_lengths = (
                 attention_mask.long().sum(-1).cpu()
                 if attention_mask is not None
                 else torch.full((batch,), input_ids.shape[1], dtype=torch.long)
             )
-        if isinstance(strength, (int, float)):
-            check_strength(strength)
-        layers = layer if layer is not None else override.layers
+        strength = _strength_rows(strength, batch)
+        layers = _layer_rows(layer if layer is not None else override.layers, self.num_layers, batch)
         if layers is None and self.predictor is None:
             layers = [tuple(self.default_layers)] * batch
         if layers is not None:
-            layer_list = [layers] * batch if isinstance(layers, int) else list(layers)
+            layer_list = layers
             if self.l2s is None:
                 return SteeringRoute.from_layers(layer_list, strength, self.num_layers, prompt_lengths), None
         routed_ids, routed_mask = _prompt_part(input_ids, attention_mask, prompt_lengths)
@@ -416,8 +511,15 @@ class W2SSteeringModel(nn.Module):
         Args:
             steering_strength (`float` or per-row list, *optional*): multiplier of the steering vector
                 (default: the bundle's `default_strength`); 0 disables the effect.
-            steering_layer (`int` or per-row list, *optional*): bypass the router.
+            steering_layer (`int` or per-row list, *optional*): bypass the router. One layer for every
+                row, or one entry per row: a layer, a tuple of layers, or `None` / `-1` (row not steered).
             steering_policy (`str`, *optional*): `"all"` or `"generated"` (default: the bundle's).
+
+        Example:
+
+        ```python
+        >>> out = model.generate(**batch, max_new_tokens=32, steering_layer=[12, None], steering_strength=[2.0, 0.0])
+        ```
         """
         if steering_policy is not None:
             check_position_policy(steering_policy)
@@ -469,12 +571,8 @@ class W2SSteeringModel(nn.Module):
         ```
         """
         if strength is not None:
-            check_strength(strength)
-        if layer is not None:
-            ids = [layer] if isinstance(layer, int) else list(layer)
-            bad = [i for i in ids if i is not None and not -1 <= int(i) < self.num_layers]
-            if bad:
-                raise ValueError(f"Layer ids {bad} are out of range for a model with {self.num_layers} layers.")
+            strength = _strength_rows(strength, name="strength")
+        _layer_rows(layer, self.num_layers, name="layer")
         previous = getattr(self._override, "value", None)
         self._override.value = _Override(True, layer, strength)
         try:

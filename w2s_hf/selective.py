@@ -15,6 +15,7 @@ from torch import nn
 from .attention_features import attention_features
 from .bundle import BundleConfig, SteeringBundle, describe_base_model
 from .data import behavior_info, load_behavior, split_dataset
+from .layers import unsteered
 from .protocols import build_item, default_protocol
 from .rotation import ROTATION_MODES, build_plane, discriminative_layer_mask
 from .sweep import class_means
@@ -51,6 +52,7 @@ def fit_rotation_bundle(
     >>> W2SSteeringModel(model, bundle, tokenizer=tok).generate(**batch)   # steers the discriminative layers
     ```
     """
+    model = unsteered(model)
     if mode not in ROTATION_MODES:
         raise ValueError(f"Unknown rotation mode {mode!r}; choose one of {list(ROTATION_MODES)}.")
     info = behavior_info(behavior, data_dir)

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .layers import block_output, find_decoder_layers, replace_block_output, unwrap_base_model
+from .layers import block_output, find_decoder_layers, replace_block_output, unsteered, unwrap_base_model
 
 POSITION_POLICIES: tuple[str, ...] = ("all", "generated")
 """`all`: every real (non-padding) token, prompt and generated. `generated`: from the last prompt
@@ -383,7 +383,8 @@ class SteeringEngine:
     same time.
 
     Args:
-        model (`nn.Module`): a transformers causal LM or a PEFT model wrapping one.
+        model (`nn.Module`): a transformers causal LM or a PEFT model wrapping one (a `W2SSteeringModel`
+            stands for its base model).
         layers_path (`str`, *optional*): override of the decoder-block list path.
 
     Example:
@@ -397,6 +398,7 @@ class SteeringEngine:
     """
 
     def __init__(self, model: nn.Module, layers_path: str | None = None) -> None:
+        model = unsteered(model)
         self.model = model
         self.core = unwrap_base_model(model)
         self.layers = find_decoder_layers(model, layers_path)

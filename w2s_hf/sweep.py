@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import block_output, find_decoder_layers
+from .layers import block_output, check_layer_ids, find_decoder_layers, unsteered
 from .metrics import steerability
 from .protocols import Item, ScoredSequence
 from .steering import AdditiveIntervention, Intervention, SteeringEngine, SteeringRoute
@@ -79,6 +79,7 @@ def class_means(
     >>> positive, negative = class_means(model, items, tok.pad_token_id)
     ```
     """
+    model = unsteered(model)
     reads = [(item.sequences[s].input_ids, pos, sign) for item in items for s, pos, sign in item.caa]
     if not any(sign > 0 for *_, sign in reads) or not any(sign < 0 for *_, sign in reads):
         raise ValueError("Contrastive steering needs at least one positive and one negative example.")
@@ -111,6 +112,7 @@ def caa_vectors(
     >>> vectors = caa_vectors(model, [build_item(ex, "answer", tok, info) for ex in train], tok.pad_token_id)
     ```
     """
+    model = unsteered(model)
     positive, negative = class_means(model, items, pad_id, batch_size, progress)
     return positive - negative
 
@@ -195,6 +197,7 @@ def score_propensities(
     Returns:
         `np.ndarray` of shape `[len(requests)]`.
     """
+    model = unsteered(model)
     rows = []  # (request index, scored sequence)
     for index, (item_index, _, _) in enumerate(requests):
         for sequence in items[item_index].sequences:
@@ -256,6 +259,7 @@ def steerability_at(
     ...                          base=fixed["propensity"][:, 2])
     ```
     """
+    model = unsteered(model)
     multipliers = [float(m) for m in multipliers]
     if len(layers) != len(items) or vectors.shape[0] != len(items):
         raise ValueError(
@@ -406,8 +410,9 @@ def layer_sweep(
     (400, 30)
     ```
     """
+    model = unsteered(model)
     engine = engine or SteeringEngine(model)
-    layers = list(range(engine.num_layers)) if layers is None else list(layers)
+    layers = list(range(engine.num_layers)) if layers is None else check_layer_ids(layers, engine.num_layers)
     multipliers = [float(m) for m in multipliers]
     steered = [m for m in multipliers if m != 0.0]
     zero_columns = [j for j, m in enumerate(multipliers) if m == 0.0]
@@ -498,6 +503,7 @@ def data_parallel_layer_sweep(model: nn.Module, items: Sequence[Item], vectors: 
     >>> result = data_parallel_layer_sweep(model, items, vectors, tok.pad_token_id, cache_dir="runs/sweep")
     ```
     """
+    model = unsteered(model)
     from accelerate import PartialState
 
     state = PartialState(cpu=_device_of(model).type == "cpu")  # gloo for CPU models, the default backend otherwise

@@ -22,6 +22,7 @@ from .bundle import BundleConfig, SteeringBundle, describe_base_model
 from .data import BehaviorInfo, behavior_info, load_behavior, normalize_columns, split_dataset
 from .encoders import PromptEncoder, encoder_from_spec
 from .labels import active_layers, best_layers, fixed_layer, frequency_smoothed_labels
+from .layers import check_layer_ids, unsteered
 from .metrics import summarize
 from .modeling import embed_prompts
 from .predictor import LayerPredictor, fit_layer_predictor
@@ -209,6 +210,7 @@ def fit_bundle(
     ...            column_mapping={"question": "prompt", "choice_a": "good", "choice_b": "bad", "positive": "label"})
     ```
     """
+    model = unsteered(model)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if dataset is None:
@@ -227,6 +229,8 @@ def fit_bundle(
     train_items = build_items(splits["train"], protocol, tokenizer, info, limit=config.max_train)
     engine = SteeringEngine(model)
     pad_id = tokenizer.pad_token_id
+    if config.layers is not None:
+        check_layer_ids(config.layers, engine.num_layers, "FitConfig.layers")
     if config.extraction not in EXTRACTIONS:
         raise ValueError(f"Unknown extraction {config.extraction!r}; choose one of {list(EXTRACTIONS)}.")
     if config.relevance_prune is not None and config.relevance_prune < 1:
