@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_model, make_tokenizer
+from conftest import NUM_LAYERS, make_model, make_tokenizer
 
-from w2s_hf.cli import main
+from w2s_hf.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -51,4 +51,38 @@ def test_eval_writes_the_report_in_the_documented_shape(tiny_folder, tmp_path, c
 def test_bad_behavior_is_a_clean_error(tiny_folder, tmp_path, capsys):
     code = main(["fit", "--model", str(tiny_folder), "--behavior", "no-such-behavior", "--output", str(tmp_path)])
     assert code == 2
-    assert "Unknown behavior" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("w2s-hf: error: Unknown behavior 'no-such-behavior'; available: [")
+    assert main(["eval", "--behaviors", "openness", "no-such-behavior", "--output", str(tmp_path)]) == 2
+    assert "Unknown behavior 'no-such-behavior'" in capsys.readouterr().err
+
+
+def test_eval_takes_one_behavior_by_either_flag():
+    for flag in ("--behavior", "--behaviors"):
+        assert build_parser().parse_args(["eval", flag, "openness", "--output", "x"]).behaviors == ["openness"]
+
+
+def test_demo_sweeps_every_third_layer_of_the_model_and_records_its_folder_absolute(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_folder.parent)
+    output = tmp_path / "demo"
+    assert main(["demo", "--model", tiny_folder.name, "--max-train", "8", "--max-eval", "6", "--encoder", "internal",
+                 "--internal-layer", "0", "--output", str(output), "--max-new-tokens", "2"]) == 0
+    assert json.loads((output / "report.json").read_text())["fit"]["layers"] == list(range(0, NUM_LAYERS, 3))
+    config = json.loads((output / "w2s_config.json").read_text())
+    assert config["base_model"]["name_or_path"] == str(tiny_folder.resolve())  # reloads from any directory
+
+
+def test_an_unloadable_base_model_is_a_clean_error(tiny_folder, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    assert main(["fit", "--model", str(tiny_folder), "--behavior", "openness", "--max-train", "8", "--layers", "1", "2",
+                 "--multipliers", "-1", "0", "1", "--encoder", "internal", "--internal-layer", "0", "--no-eval",
+                 "--output", str(bundle)]) == 0
+    config = json.loads((bundle / "w2s_config.json").read_text())
+    config["base_model"]["name_or_path"] = str(tmp_path / "moved-away")
+    (bundle / "w2s_config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["generate", str(bundle), "--prompt", "Hi"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("w2s-hf: error: The bundle was trained on") and "(no such folder)" in error
+    assert main(["fit", "--model", str(tiny_folder), "--behavior", "openness", "--layers", "1", str(NUM_LAYERS),
+                 "--output", str(tmp_path / "x")]) == 2
+    assert f"FitConfig.layers [{NUM_LAYERS}] are out of range" in capsys.readouterr().err

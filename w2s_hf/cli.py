@@ -1,4 +1,4 @@
-"""The `w2s-hf` command line: `demo`, `fit`, `generate`.
+"""The `w2s-hf` command line: `demo`, `fit`, `eval`, `generate`.
 
 Run `w2s-hf COMMAND --help` for the options of each command.
 """
@@ -50,25 +50,32 @@ def _fit_config(args: argparse.Namespace):
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     from .defaults import DEFAULT_BASE_MODEL
 
-    parser.add_argument("--model", default=DEFAULT_BASE_MODEL, help="base model id or folder (default: packaged SmolLM2)")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
+    parser.add_argument("--model", default=DEFAULT_BASE_MODEL, help="base model: Hub id or local folder (the default "
+                        "is the packaged SmolLM2-135M-Instruct, no download)")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, for a GGUF-only model")
 
 
-def _add_fit_args(parser: argparse.ArgumentParser, behavior_default: str | None) -> None:
+def _add_fit_args(parser: argparse.ArgumentParser, behavior: bool = True, layers_default: str = "every layer") -> None:
     from .defaults import DEFAULT_ENCODER
 
-    parser.add_argument("--behavior", default=behavior_default, required=behavior_default is None)
-    parser.add_argument("--protocol", choices=["ab", "statement", "answer"], default=None)
-    parser.add_argument("--encoder", choices=["sentence-transformers", "hf-mean", "internal"], default="sentence-transformers")
-    parser.add_argument("--encoder-model", default=DEFAULT_ENCODER)
-    parser.add_argument("--internal-layer", type=int, default=2)
-    parser.add_argument("--multipliers", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0])
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="layers to sweep (default: all)")
-    parser.add_argument("--max-train", type=int, default=None)
-    parser.add_argument("--max-eval", type=int, default=None)
-    parser.add_argument("--strength", type=float, default=2.0, help="default steering strength of the bundle")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    if behavior:
+        parser.add_argument("--behavior", required=True, help="MWE behavior to steer (a <behavior>.jsonl in --data-dir)")
+    parser.add_argument("--protocol", choices=["ab", "statement", "answer"], default=None,
+                        help="how propensity is scored (default: statement for persona behaviors, answer otherwise)")
+    parser.add_argument("--encoder", choices=["sentence-transformers", "hf-mean", "internal"], default="sentence-transformers",
+                        help="prompt encoder the router reads")
+    parser.add_argument("--encoder-model", default=DEFAULT_ENCODER,
+                        help="model of the sentence-transformers or hf-mean encoder (not used by --encoder internal)")
+    parser.add_argument("--internal-layer", type=int, default=2,
+                        help="block whose mean-pooled output the internal encoder reads (only with --encoder internal)")
+    parser.add_argument("--multipliers", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0],
+                        help="steering multipliers of the layer sweep")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help=f"layers to sweep (default: {layers_default})")
+    parser.add_argument("--max-train", type=int, default=None, help="at most this many train examples (None: all)")
+    parser.add_argument("--max-eval", type=int, default=None, help="at most this many test examples (None: all)")
+    parser.add_argument("--strength", type=float, default=2.0, help="the bundle's steering strength, used when a call sets none")
+    parser.add_argument("--batch-size", type=int, default=32, help="forward-pass batch size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split and the router")
     parser.add_argument("--data-dir", default=None, help="MWE folder (default: $W2S_HF_DATA or ../shared/data/mwe)")
     _add_model_args(parser)
 
@@ -85,8 +92,10 @@ def _print_summary(report: dict) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from .data import behavior_info
     from .train import fit_bundle
 
+    behavior_info(args.behavior, args.data_dir)  # an unknown behavior fails before the model loads
     model, tokenizer = _load_default(args)
     start = time.time()
     _, report = fit_bundle(model, tokenizer, _fit_config(args), args.output, evaluate=not args.no_eval)
@@ -99,11 +108,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import platform
     import shlex
 
-    from .data import list_behaviors
+    from .data import behavior_info, list_behaviors
     from .report import write_report
     from .train import fit_bundle
 
     behaviors = list_behaviors(args.data_dir) if args.behaviors == ["all"] else args.behaviors
+    for behavior in behaviors:  # an unknown behavior fails before the model loads
+        behavior_info(behavior, args.data_dir)
     model, tokenizer = _load_default(args)
     start = time.time()
     output = Path(args.output)
@@ -161,10 +172,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .data import behavior_info
+    from .layers import find_decoder_layers
     from .modeling import W2SSteeringModel
     from .train import fit_bundle
 
+    behavior_info(args.behavior, args.data_dir)
     model, tokenizer = _load_default(args)
+    if args.layers is None:  # a few minutes on a laptop CPU: every third layer
+        args.layers = list(range(0, len(find_decoder_layers(model)), 3))
     print(f"Training a W2S bundle for `{args.behavior}` on {args.model} ({args.max_train} train examples) ...")
     start = time.time()
     bundle, report = fit_bundle(model, tokenizer, _fit_config(args), args.output)
@@ -176,37 +192,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="w2s-hf", description="Where-to-Steer activation steering for HF causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
+    formatter = _HelpFormatter
 
-    demo = sub.add_parser("demo", help="train a small bundle on the packaged SmolLM2 and print steered generations")
-    _add_fit_args(demo, behavior_default="anti-LGBTQ")
-    # A few minutes on a laptop CPU: every third layer, 80 train / 60 test statements.
-    demo.set_defaults(max_train=80, max_eval=60, layers=list(range(0, 30, 3)), multipliers=[-2.0, 0.0, 2.0], strength=1.0)
-    demo.add_argument("--output", default="runs/demo")
-    demo.add_argument("--max-new-tokens", type=int, default=40)
+    demo = sub.add_parser("demo", formatter_class=formatter,
+                          help="train a small bundle on the packaged SmolLM2 and print steered generations")
+    _add_fit_args(demo, behavior=False, layers_default="every third layer")
+    demo.add_argument("--behavior", default="anti-LGBTQ", help="MWE behavior to steer")
+    # A few minutes on a laptop CPU: 80 train / 60 test statements, three multipliers.
+    demo.set_defaults(max_train=80, max_eval=60, multipliers=[-2.0, 0.0, 2.0], strength=1.0)
+    demo.add_argument("--output", default="runs/demo", help="bundle folder")
+    demo.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per prompt")
     demo.set_defaults(func=cmd_demo)
 
-    fit = sub.add_parser("fit", help="train a W2S bundle for one behavior (sweep, labels, CV predictor)")
-    _add_fit_args(fit, behavior_default=None)
-    fit.add_argument("--output", required=True)
+    fit = sub.add_parser("fit", formatter_class=formatter,
+                         help="train a W2S bundle for one behavior (sweep, labels, CV predictor)")
+    _add_fit_args(fit)
+    fit.add_argument("--output", required=True, help="bundle folder (also the sweep cache and report.json)")
     fit.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation")
     fit.set_defaults(func=cmd_fit)
 
-    evaluate = sub.add_parser("eval", help="fit and evaluate several behaviors; write a markdown/JSON/plot report")
-    _add_fit_args(evaluate, behavior_default="all")
-    evaluate.add_argument("--behaviors", nargs="+", default=["all"], help="behavior names, or 'all'")
+    evaluate = sub.add_parser("eval", formatter_class=formatter,
+                              help="fit and evaluate several behaviors; write a markdown/JSON/plot report")
+    _add_fit_args(evaluate, behavior=False)
+    evaluate.add_argument("--behaviors", "--behavior", nargs="+", default=["all"], help="behavior names, or 'all'")
     evaluate.add_argument("--variants", nargs="+", default=["BASE"],
-                          choices=["BASE", "SYS.POS", "SYS.NEG", "USER.POS", "USER.NEG"])
-    evaluate.add_argument("--output", required=True)
+                          choices=["BASE", "SYS.POS", "SYS.NEG", "USER.POS", "USER.NEG"],
+                          help="prompt variants evaluated on the test split (the SYS/USER ones are OOD)")
+    evaluate.add_argument("--output", required=True, help="report folder (bundles/<behavior>/, README.md, plots)")
     evaluate.set_defaults(func=cmd_eval)
 
-    generate = sub.add_parser("generate", help="generate with a bundle, unsteered vs steered")
-    generate.add_argument("bundle")
-    generate.add_argument("--prompt", action="append")
-    generate.add_argument("--strength", type=float, default=None)
-    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate = sub.add_parser("generate", formatter_class=formatter, help="generate with a bundle, unsteered vs steered")
+    generate.add_argument("bundle", help="bundle folder or Hub id")
+    generate.add_argument("--prompt", action="append",
+                          help="a prompt (repeat the flag for several; default: three demo prompts)")
+    generate.add_argument("--strength", type=float, default=None,
+                          help="steering strength, shown with both signs (default: the bundle's)")
+    generate.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per prompt")
     generate.set_defaults(func=cmd_generate)
     return parser
 
@@ -216,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"w2s-hf: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, KeyError) as err:  # bad input or a missing file, said in one line
+        print(f"w2s-hf: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return 2
 
 
