@@ -88,6 +88,9 @@ def test_bundle_for_another_architecture_of_the_same_shape_is_refused():
     with pytest.raises(BundleError, match=r"a 'llama' model, but the base model is a 'gpt2' model.*its own base model"):
         bundle.check_compatible(gpt2)
     bundle.check_compatible(make_model("llama", seed=5))  # the same architecture passes
+    mistral_bundle = fixed_bundle(make_model("llama"))
+    mistral_bundle.config.base_model["model_type"] = "mistral"
+    mistral_bundle.check_compatible(make_model("llama"))  # llama.cpp converts Mistral as `llama`: its GGUF loads as Llama
 
 
 def test_a_base_model_without_a_name_gets_a_warning(caplog):
@@ -111,6 +114,11 @@ def test_a_local_base_model_is_recorded_by_absolute_path(tmp_path, monkeypatch, 
         bundle.check_compatible(model)  # the relative name is the same folder: no warning
     assert caplog.text == ""
     assert describe_base_model(make_model("llama"))["name_or_path"] == "tiny-llama"  # Hub ids are kept as they are
+    older = SteeringBundle(BundleConfig(base_model={**info, "name_or_path": "models/tiny"}, fixed_layer=2),
+                           {"steering_vectors": torch.zeros(NUM_LAYERS, HIDDEN)})
+    with caplog.at_level(logging.WARNING, logger="w2s_hf.bundle"):
+        older.check_compatible(model)  # a bundle that kept the folder relative, loaded from the same directory
+    assert caplog.text == ""
 
 
 def test_internal_encoder_layer_out_of_range_is_refused():

@@ -86,3 +86,7 @@ def test_an_unloadable_base_model_is_a_clean_error(tiny_folder, tmp_path, capsys
     assert main(["fit", "--model", str(tiny_folder), "--behavior", "openness", "--layers", "1", str(NUM_LAYERS),
                  "--output", str(tmp_path / "x")]) == 2
     assert f"FitConfig.layers [{NUM_LAYERS}] are out of range" in capsys.readouterr().err
+    assert main(["fit", "--model", str(tiny_folder), "--behavior", "openness", "--encoder", "internal",
+                 "--internal-layer", str(NUM_LAYERS), "--output", str(tmp_path / "y")]) == 2
+    assert f"Internal encoder layer {NUM_LAYERS} is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "y" / "cache").exists(), "a bad encoder fails before the sweep"

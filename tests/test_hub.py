@@ -93,6 +93,17 @@ def test_push_then_pull_is_bit_exact_in_one_commit_with_our_card(hub, w2s, tmp_p
     assert folder == cache and (folder / plot.name).read_bytes() == plot.read_bytes()
 
 
+def test_a_bundle_of_a_local_model_pushes_a_card_without_a_local_base_model(hub, w2s, tmp_path):
+    folder = tmp_path / "my-finetune"
+    folder.mkdir()
+    w2s.bundle.config.base_model["name_or_path"] = str(folder)  # the Hub refuses a card whose base_model is a path
+    w2s.push_to_hub(REPO, token="hf_test_token")
+    card = ModelCard(hub.files(REPO)["README.md"].decode())
+    assert card.data.base_model is None and card.data.library_name == "w2s-hf"
+    assert "# w2s-hf steering bundle for my-finetune\n" in card.text
+    assert f"for `{folder}` (a local model):" in card.text and "huggingface.co/" not in card.text  # no dead link
+
+
 def test_revisions_pull_requests_and_the_cache_are_honoured(hub, w2s, tmp_path):
     first = w2s.push_to_hub(REPO, plots=[write_png(tmp_path / "old_plot.png")])
     v1 = w2s.bundle.steering_vectors.clone()

@@ -175,6 +175,23 @@ def test_numpy_and_tensor_scalars_steer_like_python_numbers(w2s):
                        w2s(**batch, steering_prompt_lengths=lengths).logits)
 
 
+def test_per_row_layers_with_several_layers_a_row_steer_like_the_engine(w2s):
+    batch = encode(w2s.tokenizer)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    per_row = [(1, 3), None, 2]
+    routed = w2s.generate(**batch, steering_layer=per_row, steering_strength=[2.0, 5.0, -3.0], **kwargs)
+    route = SteeringRoute.from_layers(per_row, [2.0, 5.0, -3.0], NUM_LAYERS)
+    with SteeringEngine(w2s.base_model).steer(AdditiveIntervention(w2s.bundle.steering_vectors), route):
+        oracle = w2s.base_model.generate(**batch, **kwargs)
+    assert torch.equal(routed, oracle)
+    with w2s.steering(layer=iter(per_row), strength=2.0):  # an iterator is read once, then holds for every call
+        first, second = w2s.generate(**batch, **kwargs), w2s.generate(**batch, **kwargs)
+    assert torch.equal(first, second)
+    assert torch.equal(first, w2s.generate(**batch, steering_layer=per_row, steering_strength=2.0, **kwargs))
+    with w2s.steering(layer=[1, 2]), pytest.raises(ValueError, match=r"`steering\(layer=...\)` has 2 entries for a batch of 3"):
+        w2s.generate(**batch, **kwargs)
+
+
 def test_from_pretrained_says_what_to_do_when_the_base_model_cannot_load(tmp_path):
     model = make_model("llama")
     bundle = make_bundle(model)

@@ -181,6 +181,14 @@ BAD_BUNDLES = {
         other_base_model(HIDDEN + 16, NUM_LAYERS),
         r"hidden size 32 \(bundle: 48\).*without `base_model=`\) or re-train it for this model",
     ),
+    "other-model-type": (
+        lambda f: rewrite_config(f, lambda data: data["base_model"].update(model_type="gpt2")),
+        r"a 'gpt2' model, but the base model is a 'llama' model.*its own base model or re-train it",
+    ),
+    "internal-encoder-layer-out-of-range": (
+        set_config(encoder={"type": "internal", "layer": NUM_LAYERS}),
+        rf"internal prompt encoder reads layer {NUM_LAYERS}, out of range for {NUM_LAYERS} layers.*re-train",
+    ),
     "other-model-layer-count": (
         other_base_model(HIDDEN, NUM_LAYERS + 2),
         r"4 decoder layers \(bundle: 6\).*without `base_model=`\) or re-train it for this model",

@@ -288,6 +288,7 @@ def read_attention(
     >>> rows.shape, rows.sum(-1)                                                    # [2, layers, seq], all ones
     ```
     """
+    model = unsteered(model)
     reads = torch.as_tensor(read_positions, dtype=torch.long)
     return _forward_reads(model, input_ids, attention_mask, reads, method, layers_path)[0]
 

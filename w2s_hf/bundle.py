@@ -209,13 +209,28 @@ class BundleConfig:
         return config
 
 
-def model_name(model: nn.Module) -> str:
-    """The name a bundle records for `model`: its Hub id, or its local folder made absolute (so that the
-    bundle reloads it from any working directory); `""` for a model built from a config."""
-    name = unwrap_base_model(model).config._name_or_path or ""
+def recorded_name(name: str) -> str:
+    """A base-model name as bundles record and compare it: a Hub id as it is, a local folder made absolute
+    (so that the bundle reloads it from any working directory)."""
     if name and Path(name).expanduser().is_dir():
         return str(Path(name).expanduser().resolve())
     return name
+
+
+def model_name(model: nn.Module) -> str:
+    """The name a bundle records for `model` (see `recorded_name`); `""` for a model built from a config."""
+    return recorded_name(unwrap_base_model(model).config._name_or_path or "")
+
+
+# Architectures that llama.cpp converts to GGUF as `llama`, so transformers loads their GGUF files as Llama.
+_GGUF_AS_LLAMA = frozenset({"mistral"})
+
+
+def architecture_of(model_type: str) -> str:
+    """`model_type` up to what does not change the layers' features: a multimodal model's text part
+    (`gemma3_text` is `gemma3`), and GGUF conversions (`mistral` loads as `llama`)."""
+    model_type = model_type.removesuffix("_text")
+    return "llama" if model_type in _GGUF_AS_LLAMA else model_type
 
 
 def describe_base_model(model: nn.Module, gguf_file: str | None = None, revision: str | None = None) -> dict:
@@ -330,7 +345,7 @@ class SteeringBundle:
                 f"(`W2SSteeringModel.from_pretrained(bundle)` without `base_model=`) or re-train it for this model."
             )
         model_type = unwrap_base_model(model).config.model_type
-        if expected.get("model_type") and model_type != expected["model_type"]:
+        if expected.get("model_type") and architecture_of(model_type) != architecture_of(expected["model_type"]):
             raise BundleError(
                 f"This bundle was trained for {expected['name_or_path']!r}, a {expected['model_type']!r} model, but the "
                 f"base model is a {model_type!r} model: its layers hold other features even at the same shape. Load "
@@ -343,7 +358,7 @@ class SteeringBundle:
                 "the model this bundle was trained on.",
                 expected["name_or_path"],
             )
-        elif name != expected["name_or_path"]:
+        elif name != recorded_name(expected["name_or_path"]):  # older bundles kept a local folder relative
             logger.warning(
                 "Bundle was trained on %r and is being applied to %r (same shape). Steering may not transfer.",
                 expected["name_or_path"],

@@ -18,18 +18,29 @@ from .bundle import SteeringBundle
 LIBRARY_NAME = "w2s-hf"
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is a Hub repo id (`user/model`), not a local folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or name.startswith((os.sep, ".", "~")) or Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def card_metadata(bundle: SteeringBundle) -> dict:
     """The card's YAML metadata as a dict."""
     config = bundle.config
     tags = ["w2s-hf", "steering", "activation-steering", f"steering-{config.method}"]
     if config.predictor is not None:
         tags.append("where-to-steer")
-    metadata = {
-        "library_name": LIBRARY_NAME,
-        "base_model": config.base_model["name_or_path"],
-        "pipeline_tag": "text-generation",
-        "tags": tags,
-    }
+    metadata = {"library_name": LIBRARY_NAME}
+    if is_hub_id(config.base_model["name_or_path"]):  # the Hub rejects a card whose base_model is a local path
+        metadata["base_model"] = config.base_model["name_or_path"]
+    metadata.update({"pipeline_tag": "text-generation", "tags": tags})
     datasets = config.training.get("datasets")
     if datasets:
         metadata["datasets"] = list(datasets)
@@ -80,8 +91,9 @@ def render_model_card(bundle: SteeringBundle, repo_id: str | None = None, plots:
     base = config.base_model["name_or_path"]
     return template.format(
         metadata=yaml.safe_dump(card_metadata(bundle), sort_keys=False).strip(),
-        title=f"w2s-hf steering bundle for {base}",
+        title=f"w2s-hf steering bundle for {base if is_hub_id(base) else Path(base).name}",
         base_model=base,
+        base_model_link=f"[`{base}`](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}` (a local model)",
         repo_id=repo_id or "path/to/this/bundle",
         method=config.method,
         num_layers=config.num_layers,

@@ -193,10 +193,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, unless its help already says it."""
+    """Shows each option's default, unless it is required or its help already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+        if action.required or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, KeyError) as err:  # bad input or a missing file, said in one line
+    except (ValueError, OSError, KeyError) as err:  # bad input, or a file or model that is not there: one line
         print(f"w2s-hf: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ Layer ``i`` in w2s-hf always means the *output of decoder block i* (0-based), i.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -58,9 +59,23 @@ def unsteered(model: nn.Module) -> nn.Module:
     return model.base_model if isinstance(model, W2SSteeringModel) else model
 
 
+def is_scalar(value: object) -> bool:
+    """A Python or NumPy number, or a 0-d tensor or array."""
+    return isinstance(value, numbers.Number) or getattr(value, "ndim", None) == 0
+
+
+def layer_index(value: object, what: str = "Layers") -> int:
+    """`value` as a layer index: an integer of any kind (`3`, `np.int64(3)`, `torch.tensor(3)`), not a bool or float."""
+    if not isinstance(value, bool) and is_scalar(value):
+        number = value.item() if hasattr(value, "item") else value
+        if isinstance(number, numbers.Integral) and not isinstance(number, bool):
+            return int(number)
+    raise TypeError(f"{what} takes layer indices (ints), got {value!r}.")
+
+
 def check_layer_ids(layers: Sequence[int], num_layers: int, what: str = "Layers") -> list[int]:
-    """`layers` as ints, each a block of a `num_layers`-block model; raises `ValueError` naming the bad ones."""
-    ids = [int(layer) for layer in layers]
+    """`layers` as ints, each a block of a `num_layers`-block model; raises naming the bad ones."""
+    ids = [layer_index(layer, what) for layer in layers]
     bad = [layer for layer in ids if not 0 <= layer < num_layers]
     if bad:
         raise ValueError(f"{what} {bad} are out of range for a model with {num_layers} layers (0 to {num_layers - 1}).")

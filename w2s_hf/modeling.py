@@ -7,7 +7,6 @@ steering bundle is ever saved.
 
 from __future__ import annotations
 
-import numbers
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -22,7 +21,7 @@ from torch import nn
 from .bundle import BundleError, SteeringBundle
 from .encoders import InternalEncoder, PromptEncoder, early_block_outputs, encoder_from_spec
 from .l2s import L2SNetworks, last_token_states
-from .layers import context_length_of
+from .layers import context_length_of, is_scalar, layer_index
 from .predictor import LayerPredictor
 from .steering import (
     AdditiveIntervention,
@@ -62,20 +61,6 @@ def embed_prompts(
     return encoder.encode_texts(prompt_texts(tokenizer, input_ids, attention_mask))
 
 
-def _is_scalar(value: object) -> bool:
-    """A Python or NumPy number, or a 0-d tensor or array."""
-    return isinstance(value, numbers.Number) or getattr(value, "ndim", None) == 0
-
-
-def _layer_index(value: object, name: str) -> int:
-    """`value` as a layer index: an integer of any kind (`3`, `np.int64(3)`, `torch.tensor(3)`)."""
-    if _is_scalar(value) and not isinstance(value, bool):
-        number = value.item() if hasattr(value, "item") else value
-        if isinstance(number, numbers.Integral):
-            return int(number)
-    raise TypeError(f"`{name}` takes layer indices (ints), got {value!r}.")
-
-
 def _layer_rows(layer: object, num_layers: int, batch: int | None = None, name: str = "steering_layer") -> list | None:
     """A `steering_layer` argument as one entry per row (`int`, `None`: not steered, or a tuple of ints).
 
@@ -84,8 +69,8 @@ def _layer_rows(layer: object, num_layers: int, batch: int | None = None, name: 
     """
     if layer is None:
         return None
-    if isinstance(layer, (str, bytes)) or (_is_scalar(layer) and not isinstance(layer, bool)):
-        index = _layer_index(layer, name)
+    if isinstance(layer, (str, bytes)) or (is_scalar(layer) and not isinstance(layer, bool)):
+        index = layer_index(layer, f"`{name}`")
         rows = [None if index == -1 else index] * (1 if batch is None else batch)
     else:
         try:
@@ -97,9 +82,9 @@ def _layer_rows(layer: object, num_layers: int, batch: int | None = None, name: 
             if entry is None:
                 rows.append(None)
             elif isinstance(entry, (tuple, list)):
-                rows.append(tuple(_layer_index(i, name) for i in entry))
+                rows.append(tuple(layer_index(i, f"`{name}`") for i in entry))
             else:
-                index = _layer_index(entry, name)
+                index = layer_index(entry, f"`{name}`")
                 rows.append(None if index == -1 else index)
         if batch is not None and len(rows) != batch:
             raise ValueError(f"`{name}` has {len(rows)} entries for a batch of {batch}; give one layer, or one entry per row.")
@@ -115,7 +100,7 @@ def _strength_rows(strength: object, batch: int | None = None, name: str = "stee
     """A `steering_strength` argument as one float, or one per row (checked finite, `batch` entries)."""
     if isinstance(strength, (str, bytes)):
         raise TypeError(f"`{name}` takes a number or one number per row, got {strength!r}.")
-    if _is_scalar(strength):
+    if is_scalar(strength):
         return check_strength(strength.item() if hasattr(strength, "item") else strength)
     try:
         values = [check_strength(value) for value in (strength.tolist() if hasattr(strength, "tolist") else strength)]
@@ -257,6 +242,7 @@ class W2SSteeringModel(nn.Module):
 
         Raises:
             `BundleError`: the bundle is invalid, or its base model cannot be loaded (pass `base_model=`).
+            `TypeError`: loading options (`base_model_kwargs`) given together with `base_model=`.
         """
         from .defaults import load_base_model
 
@@ -426,7 +412,8 @@ class W2SSteeringModel(nn.Module):
                 else torch.full((batch,), input_ids.shape[1], dtype=torch.long)
             )
         strength = _strength_rows(strength, batch)
-        layers = _layer_rows(layer if layer is not None else override.layers, self.num_layers, batch)
+        layers = (_layer_rows(layer, self.num_layers, batch) if layer is not None
+                  else _layer_rows(override.layers, self.num_layers, batch, name="steering(layer=...)"))
         if layers is None and self.predictor is None:
             layers = [tuple(self.default_layers)] * batch
         if layers is not None:
@@ -571,8 +558,9 @@ class W2SSteeringModel(nn.Module):
         ```
         """
         if strength is not None:
-            strength = _strength_rows(strength, name="strength")
-        _layer_rows(layer, self.num_layers, name="layer")
+            strength = _strength_rows(strength, name="steering(strength=...)")
+        rows = _layer_rows(layer, self.num_layers, name="steering(layer=...)")
+        layer = layer if layer is None or is_scalar(layer) else rows  # per-row entries: read once (an iterator too)
         previous = getattr(self._override, "value", None)
         self._override.value = _Override(True, layer, strength)
         try:

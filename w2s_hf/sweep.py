@@ -144,6 +144,7 @@ def scored_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     >>> next_token_logits = logits[0, column[start - 1]]  # the logits that predict token `start` of row 0
     ```
     """
+    model = unsteered(model)
     width = ids.shape[1]
     if not _accepts_logits_to_keep(model):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -231,6 +231,7 @@ def fit_bundle(
     pad_id = tokenizer.pad_token_id
     if config.layers is not None:
         check_layer_ids(config.layers, engine.num_layers, "FitConfig.layers")
+    encoder = encoder or encoder_from_spec(config.encoder, model, tokenizer)  # a bad spec fails before the sweep
     if config.extraction not in EXTRACTIONS:
         raise ValueError(f"Unknown extraction {config.extraction!r}; choose one of {list(EXTRACTIONS)}.")
     if config.relevance_prune is not None and config.relevance_prune < 1:
@@ -258,7 +259,6 @@ def fit_bundle(
     layers = train["layers"]
     s_train = train["steerability"]
     fixed = layers[fixed_layer(s_train)]
-    encoder = encoder or encoder_from_spec(config.encoder, model, tokenizer)
     embeddings = embed_items(encoder, tokenizer, train_items)
     router = fit_router(embeddings, s_train, layers, engine.num_layers, config, progress=progress)
     predictors, candidates_by_k, cv_by_k = router.predictors, router.candidates, router.cv
