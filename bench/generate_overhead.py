@@ -3,7 +3,9 @@
 Prints greedy tokens/s for the base model and for `W2SSteeringModel.generate` (routing included)
 at each batch size, their ratio, and the routing cost per prompt (encode + predict) for the
 MiniLM encoder and the internal encoder. A diagnostic row runs the MiniLM model with its routed
-layers given (`steering_layer=`, no routing) to split routing from steering. On CUDA it also prints
+layers given (`steering_layer=`, no routing) to split routing from steering, and one generate of each
+W2S model is clocked from the inside: the host time of steering's own code (routing and hooks), the
+part of the ratio that does not drown in machine noise. On CUDA it also prints
 the memory the steering adds: resident (vectors, router head; the MiniLM encoder apart) and the peak
 of `generate` over the base model's. The bundle is synthetic (random router, CAA-sized vectors):
 speed does not depend on what the router learned.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -60,6 +64,36 @@ def speed_ratio(base: list[float], other: list[float]) -> str:
     relative to the base), with the lowest and highest round: the spread tells noise from a real gap."""
     ratios = [b / o for b, o in zip(base, other)]
     return f"{statistics.median(ratios):.3f}x, rounds {min(ratios):.3f}-{max(ratios):.3f}"
+
+
+@contextmanager
+def steering_clock(model: W2SSteeringModel) -> Iterator[dict]:
+    """Adds up the host time of steering's own code while `model` generates: routing before the call
+    (`_route`: an external encoder and the predictor) and every engine hook (position bookkeeping, the
+    in-pass router of the internal encoder, the vector addition). This is all steering adds to a token
+    on the CPU, and its launch cost on a GPU; unlike end-to-end timing it does not drown in VM noise."""
+    spent = {"routing": 0.0, "hooks": 0.0}
+    engine = model.engine
+
+    def clocked(function: Callable, key: str) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - start
+
+        return wrapper
+
+    make_layer_hook = engine._make_layer_hook
+    model.__dict__["_route"] = clocked(model._route, "routing")
+    engine._before_forward = clocked(engine._before_forward, "hooks")
+    engine._after_forward = clocked(engine._after_forward, "hooks")
+    engine._make_layer_hook = lambda index: clocked(make_layer_hook(index), "hooks")
+    try:
+        yield spent
+    finally:
+        del model.__dict__["_route"], engine._before_forward, engine._after_forward, engine._make_layer_hook
 
 
 def main() -> None:
@@ -111,6 +145,13 @@ def main() -> None:
             return f"{tokens / seconds[name]:8.1f} tok/s" + ("" if name == "base" else f" ({speed_ratio(rounds['base'], rounds[name])})")
 
         print(f"batch {batch_size:3d}: base {rate('base')} | W2S+MiniLM {rate('W2S+MiniLM')} | W2S+internal {rate('W2S+internal')}")
+        for name, model_ in (("W2S+MiniLM", w2s), ("W2S+internal", w2s_internal)):
+            with steering_clock(model_) as spent:
+                model_.generate(**batch, **kwargs)
+            own = spent["routing"] + spent["hooks"]
+            print(f"           {name} steering's own host time: routing {1000 * spent['routing']:.2f} ms + hooks "
+                  f"{1e6 * spent['hooks'] / args.new_tokens:.0f} us/token = {1000 * own:.1f} ms a generate "
+                  f"({seconds['base'] / (seconds['base'] + own):.4f}x of the base's {seconds['base']:.2f} s)")
         internal_layers = w2s_internal.predict_layers(ids, mask).tolist()
         print(f"           MiniLM layers given (no routing): {rate('given')}; "
               f"routed layers: MiniLM {sorted(set(routed))}, internal {sorted(set(internal_layers))}")
