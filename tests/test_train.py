@@ -1,9 +1,12 @@
-"""`fit_router`: the W2S router of a per-sample layer sweep (the part of `fit_bundle` other sweeps reuse)."""
+"""`fit_router`: the W2S router of a per-sample layer sweep (the part of `fit_bundle` other sweeps reuse),
+and `FitConfig`'s checks of its settings."""
 
 import numpy as np
+import pytest
 import torch
+from conftest import make_model, make_tokenizer
 
-from w2s_hf.train import FitConfig, fit_router
+from w2s_hf.train import FitConfig, fit_bundle, fit_router
 
 GRID = {"lr": [1e-2], "hidden_dim": [16], "num_hidden_layers": [1], "weight_decay": [0.0]}
 LAYERS = [0, 3, 6, 9]
@@ -52,3 +55,34 @@ def test_fallback_to_fixed_drops_a_router_that_does_not_beat_the_fixed_layer():
     assert router.predictor is None and router.chosen_k == 1 and router.predictors[1] is not None
     config.fallback_to_fixed = False
     assert fit_router(embeddings, steerability, LAYERS, 12, config, progress=False).predictor is not None
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"multipliers": (1.0,)}, "At least two multipliers"),
+    ({"protocol": "statment"}, "Unknown protocol 'statment'"),
+    ({"max_train": 0}, "`max_train` must be a positive number of examples"),  # 0 used to mean "all"
+    ({"max_eval": 2.5}, "`max_eval` must be a positive number of examples"),
+    ({"smoothing_k": ()}, "`smoothing_k` must be positive integers"),
+    ({"default_strength": float("nan")}, "`default_strength` must be a finite number"),
+    ({"position_policy": "everything"}, "Unknown position policy"),
+    ({"encoder": {"type": "sentence-transformer"}}, "Unknown encoder spec"),
+    ({"batch_size": 0}, "`batch_size` must be a positive integer"),
+    ({"layers": []}, "`layers` is empty"),
+    ({"variants": ("BASE", "SYS.POSITIVE")}, r"Unknown prompt variants \['SYS.POSITIVE'\]"),
+    ({"extraction": "mean"}, "Unknown extraction 'mean'"),
+    ({"relevance_prune": 0}, "`relevance_prune` must be a positive number of layers"),
+])
+def test_a_bad_fit_setting_fails_when_the_config_is_made(setting, message):
+    with pytest.raises(ValueError, match=message):
+        FitConfig("toy", **setting)
+
+
+def test_fit_bundle_checks_a_config_changed_after_it_was_made(tmp_path):
+    config = FitConfig("openness", max_train=4)
+    config.max_train = 0
+    forwards = []
+    model = make_model("llama")
+    model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    with pytest.raises(ValueError, match="`max_train` must be a positive number"):
+        fit_bundle(model, make_tokenizer(), config, tmp_path, progress=False)
+    assert not forwards and not any(tmp_path.iterdir())

@@ -16,7 +16,8 @@ import torch
 ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 
 
-def _check_multipliers(multipliers: Sequence[float]) -> np.ndarray:
+def check_multipliers(multipliers: Sequence[float]) -> np.ndarray:
+    """`multipliers` as a float array, checked: 1-D, at least two, finite, not all equal (a slope is fitted)."""
     x = np.asarray(multipliers, dtype=np.float64)
     if x.ndim != 1:
         raise ValueError(f"`multipliers` must be 1-D, got shape {x.shape}.")
@@ -62,7 +63,7 @@ def steerability(multipliers: Sequence[float], propensities: ArrayOrTensor) -> A
     array([1., 0.])
     ```
     """
-    x = _check_multipliers(multipliers)
+    x = check_multipliers(multipliers)
     if isinstance(propensities, torch.Tensor):
         _check_propensities(tuple(propensities.shape), x.size, bool(torch.isfinite(propensities).all()))
         out_dtype = propensities.dtype if propensities.is_floating_point() else torch.get_default_dtype()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,15 +20,15 @@ from torch import nn
 
 from .attention_features import attention_features, layer_relevance
 from .bundle import BundleConfig, SteeringBundle, describe_base_model
-from .data import BehaviorInfo, behavior_info, load_behavior, normalize_columns, split_dataset
-from .encoders import PromptEncoder, encoder_from_spec
+from .data import PROMPT_VARIANTS, BehaviorInfo, behavior_info, load_behavior, normalize_columns, split_dataset
+from .encoders import ENCODER_TYPES, PromptEncoder, encoder_from_spec
 from .labels import active_layers, best_layers, fixed_layer, frequency_smoothed_labels
 from .layers import check_layer_ids, unsteered
-from .metrics import summarize
+from .metrics import check_multipliers, summarize
 from .modeling import embed_prompts
 from .predictor import LayerPredictor, fit_layer_predictor
-from .protocols import Item, build_item, default_protocol
-from .steering import SteeringEngine
+from .protocols import PROTOCOLS, Item, build_item, default_protocol
+from .steering import SteeringEngine, check_position_policy
 from .sweep import DEFAULT_MULTIPLIERS, caa_vectors, layer_sweep, pad_batch
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,40 @@ class FitConfig:
     cv_grid: dict | None = None
     extraction: str = "caa"
     relevance_prune: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks every field, so that a bad setting fails before any forward pass (`fit_bundle` checks again)."""
+
+        def positive(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise ValueError(f"Unknown protocol {self.protocol!r}; choose one of {list(PROTOCOLS)} (or None: the default).")
+        if not isinstance(self.encoder, dict) or self.encoder.get("type") not in ENCODER_TYPES:
+            raise ValueError(f"Unknown encoder spec {self.encoder!r}; its `type` is one of {list(ENCODER_TYPES)}.")
+        check_multipliers(self.multipliers)
+        if self.layers is not None and not list(self.layers):
+            raise ValueError("`layers` is empty; give the layers to sweep, or None for every layer.")
+        for name in ("max_train", "max_eval"):
+            if getattr(self, name) is not None and not positive(getattr(self, name)):
+                raise ValueError(f"`{name}` must be a positive number of examples or None (all), got {getattr(self, name)!r}.")
+        if not self.smoothing_k or not all(positive(k) for k in self.smoothing_k):
+            raise ValueError(f"`smoothing_k` must be positive integers, got {self.smoothing_k!r}.")
+        if not isinstance(self.default_strength, (int, float)) or not math.isfinite(self.default_strength):
+            raise ValueError(f"`default_strength` must be a finite number, got {self.default_strength!r}.")
+        check_position_policy(self.position_policy)
+        if not positive(self.batch_size):
+            raise ValueError(f"`batch_size` must be a positive integer, got {self.batch_size!r}.")
+        unknown = [variant for variant in self.variants if variant not in PROMPT_VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(f"Unknown prompt variants {unknown or list(self.variants)}; choose from {list(PROMPT_VARIANTS)}.")
+        if self.extraction not in EXTRACTIONS:
+            raise ValueError(f"Unknown extraction {self.extraction!r}; choose one of {list(EXTRACTIONS)}.")
+        if self.relevance_prune is not None and not positive(self.relevance_prune):
+            raise ValueError(f"`relevance_prune` must be a positive number of layers, got {self.relevance_prune}.")
 
 
 def build_items(examples, protocol: str, tokenizer, info, variant: str = "BASE", limit: int | None = None) -> list[Item]:
@@ -211,6 +246,7 @@ def fit_bundle(
     ```
     """
     model = unsteered(model)
+    config.validate()  # fields may have changed since construction
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if dataset is None:
@@ -232,10 +268,6 @@ def fit_bundle(
     if config.layers is not None:
         check_layer_ids(config.layers, engine.num_layers, "FitConfig.layers")
     encoder = encoder or encoder_from_spec(config.encoder, model, tokenizer)  # a bad spec fails before the sweep
-    if config.extraction not in EXTRACTIONS:
-        raise ValueError(f"Unknown extraction {config.extraction!r}; choose one of {list(EXTRACTIONS)}.")
-    if config.relevance_prune is not None and config.relevance_prune < 1:
-        raise ValueError(f"`relevance_prune` must be a positive number of layers, got {config.relevance_prune}.")
     features = None
     if config.extraction == "attention" or config.relevance_prune is not None:
         # read_mix=1: the CAA reads themselves, so relevance scores the directions that are steered.
