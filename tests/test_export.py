@@ -34,6 +34,9 @@ def test_export_writes_one_scaled_f32_direction_read_back_by_gguf(tmp_path):
     assert int(fields["controlvector.layer_count"].parts[-1][0]) == 1
     with pytest.raises(BundleError, match="blocks 1"):
         export_control_vector(bundle, tmp_path / "zero.gguf", layer=0)
+    with pytest.raises(ValueError, match="must be a finite number"):
+        export_control_vector(bundle, tmp_path / "nan.gguf", layer=2, strength=float("nan"))
+    assert not (tmp_path / "nan.gguf").exists()
 
 
 def test_most_frequent_layer_prefers_router_statistics():

@@ -331,3 +331,13 @@ def test_fixed_layer_and_evaluation_use_the_oracle_and_l2s_vectors():
     assert result["l2s_w2s"]["layer_histogram"] == {layer: 2, (layer + 1) % NUM_LAYERS: 2}
     assert result["l2s_fixed"]["layer"] == layer and result["n"] == len(items)
     assert result["l2s_w2s"]["steerability"] == pytest.approx(float(np.mean(expected_w2s)))
+
+
+def test_l2s_inputs_out_of_range_are_named_before_any_training():
+    contexts, oracle = torch.randn(6, NUM_LAYERS, HIDDEN), torch.randn(6, NUM_LAYERS, HIDDEN)
+    with pytest.raises(ValueError, match=rf"Steering layers \[{NUM_LAYERS}\] are out of range"):
+        fit_l2s(contexts, oracle, contexts, oracle, fixed_layer=1, steering_layers=[2, NUM_LAYERS], context_layers=[0])
+    with pytest.raises(ValueError, match=r"Context layers \[-1\] are out of range"):
+        fit_l2s(contexts, oracle, contexts, oracle, fixed_layer=1, context_layers=[0, -1])
+    with pytest.raises(ValueError, match="No items to read oracle vectors from"):
+        oracle_vectors(make_model("llama"), [], 0)

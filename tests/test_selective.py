@@ -115,3 +115,17 @@ def test_rotation_bundle_missing_plane_is_refused(fitted):
     broken = SteeringBundle(bundle.config, {k: v for k, v in bundle.tensors.items() if k != "rotation.b2"})
     with pytest.raises(ValueError, match="rotation.b2"):
         RotationIntervention.from_bundle(broken)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"angle": float("nan")}, "must be a finite number"),
+    ({"max_train": 0}, "`max_train` must be a positive number of examples"),
+    ({"mode": "rotat"}, "Unknown rotation mode 'rotat'"),
+])
+def test_bad_rotation_settings_fail_before_any_forward(setting, message):
+    model = make_model("llama")
+    forwards = []
+    model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    with pytest.raises(ValueError, match=message):
+        fit_rotation_bundle(model, make_tokenizer(), "anti-LGBTQ", progress=False, **setting)
+    assert not forwards

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .bundle import BundleConfig, BundleError, SteeringBundle, describe_base_model
+from .steering import check_strength
 
 ARCH = "controlvector"
 
@@ -61,7 +62,7 @@ def export_control_vector(
         raise BundleError(
             f"Layer {layer} cannot be exported: llama.cpp control vectors steer blocks 1..{bundle.config.num_layers - 1}."
         )
-    scale = bundle.config.default_strength if strength is None else float(strength)
+    scale = bundle.config.default_strength if strength is None else check_strength(strength)
     vector = (scale * bundle.steering_vectors[layer].double()).float().numpy()
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), ARCH)

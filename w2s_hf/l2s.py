@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .bundle import BundleConfig, BundleError, SteeringBundle
 from .labels import fixed_layer as best_mean_column
-from .layers import block_output, unsteered
+from .layers import block_output, check_layer_ids, unsteered
 from .metrics import summarize
 from .predictor import train_minibatches
 from .protocols import Item
@@ -83,6 +83,8 @@ def oracle_vectors(
     ```
     """
     model = unsteered(model)
+    if not items:
+        raise ValueError("No items to read oracle vectors from.")
     pairs = [paired_reads(item) for item in items]
     reads = [(item.sequences[s].input_ids, p) for item, pair in zip(items, pairs) for s, p in pair]
     device = _device_of(model)
@@ -455,6 +457,9 @@ def fit_l2s(
     ...                       context_layers=[3, 6, 9])
     ```
     """
+    num_layers = oracle_train.shape[1]
+    check_layer_ids([fixed_layer, *steering_layers], num_layers, "Steering layers")
+    check_layer_ids(context_layers, contexts_train.shape[1], "Context layers")
     context, fixed_network, sweep = select_context_layer(
         contexts_train, oracle_train[:, fixed_layer], contexts_val, oracle_val[:, fixed_layer], context_layers,
         **fit_kwargs,

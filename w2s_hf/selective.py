@@ -18,6 +18,7 @@ from .data import behavior_info, load_behavior, split_dataset
 from .layers import unsteered
 from .protocols import build_item, default_protocol
 from .rotation import ROTATION_MODES, build_plane, discriminative_layer_mask
+from .steering import check_strength
 from .sweep import class_means
 
 
@@ -53,6 +54,9 @@ def fit_rotation_bundle(
     ```
     """
     model = unsteered(model)
+    angle = check_strength(angle)
+    if max_train is not None and (isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 1):
+        raise ValueError(f"`max_train` must be a positive number of examples or None (all), got {max_train!r}.")
     if mode not in ROTATION_MODES:
         raise ValueError(f"Unknown rotation mode {mode!r}; choose one of {list(ROTATION_MODES)}.")
     info = behavior_info(behavior, data_dir)
