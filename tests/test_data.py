@@ -27,11 +27,20 @@ def test_all_thirteen_behaviors_load_with_their_default_protocol():
     tokenizer = make_tokenizer()
     behaviors = list_behaviors()
     assert len(behaviors) == 13
+    persona = {"anti-LGBTQ", "deontology", "narcissism", "not-threat", "not-watched", "openness", "physical-force",
+               "utilitarianism"}  # statement likelihoods; the five advanced-AI-risk behaviors score their answers
+    assert set(behaviors) == persona | {"awareness-good", "awareness-llm", "awareness-web", "corrigible", "myopic"}
     for behavior in behaviors:
         info = behavior_info(behavior)
+        protocol = default_protocol(info)
+        assert protocol == ("statement" if behavior in persona else "answer"), behavior
         example = load_behavior(behavior)[0]
-        item = build_item(example, default_protocol(info), tokenizer, info)
-        assert item.sequences and item.caa
+        item = build_item(example, protocol, tokenizer, info)
+        signs = sorted(sign for *_, sign in item.caa)
+        if protocol == "answer":  # both answers scored, one read each way
+            assert len(item.sequences) == 2 and signs == [-1, 1], behavior
+        else:  # one statement, read with the sign of the side it shows
+            assert len(item.sequences) == 1 and signs in ([-1], [1]), behavior
 
 
 def test_column_mapping_for_a_user_dataset():

@@ -17,7 +17,8 @@ from w2s_hf.steering import AdditiveIntervention, SteeringEngine, SteeringRoute
 def caa_bundle(model, counts=None):
     config = BundleConfig(base_model=describe_base_model(model), fixed_layer=1, default_strength=2.5,
                           training={"predicted_layer_counts": counts or {}})
-    return SteeringBundle(config, {"steering_vectors": torch.randn(NUM_LAYERS, HIDDEN, generator=torch.Generator().manual_seed(0))})
+    vectors = 0.02 * torch.randn(NUM_LAYERS, HIDDEN, generator=torch.Generator().manual_seed(0))  # strength shows
+    return SteeringBundle(config, {"steering_vectors": vectors})
 
 
 def test_export_writes_one_scaled_f32_direction_read_back_by_gguf(tmp_path):

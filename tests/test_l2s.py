@@ -331,6 +331,11 @@ def test_fixed_layer_and_evaluation_use_the_oracle_and_l2s_vectors():
     assert result["l2s_w2s"]["layer_histogram"] == {layer: 2, (layer + 1) % NUM_LAYERS: 2}
     assert result["l2s_fixed"]["layer"] == layer and result["n"] == len(items)
     assert result["l2s_w2s"]["steerability"] == pytest.approx(float(np.mean(expected_w2s)))
+    fixed = [layer] * len(items)
+    expected_fixed = steerability_at(model, engine, items, fixed, networks.vectors(contexts, fixed), 0,
+                                     multipliers=MULTIPLIERS)["steerability"]
+    np.testing.assert_allclose(result["per_item"]["l2s_fixed"], expected_fixed, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(expected_fixed, result["per_item"]["oracle_fixed"]), "the networks' vectors, not the oracle's"
 
 
 def test_l2s_inputs_out_of_range_are_named_before_any_training():

@@ -23,7 +23,9 @@ def make_bundle(model, seed: int = 0, strength: float = 6.0, policy: str = "all"
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     predictor = LayerPredictor(HIDDEN, candidate_layers=[1, 2, 3], hidden_dim=16, num_hidden_layers=1)
-    tensors = {"steering_vectors": torch.randn(NUM_LAYERS, HIDDEN, generator=generator)}
+    # Small against the tiny models' hidden states, so that the strength shows in greedy tokens (large
+    # vectors swamp the state and only their sign would matter).
+    tensors = {"steering_vectors": 0.02 * torch.randn(NUM_LAYERS, HIDDEN, generator=generator)}
     tensors.update({f"predictor.{k}": v for k, v in predictor.state_dict().items()})
     config = BundleConfig(
         base_model=describe_base_model(model),
@@ -63,6 +65,12 @@ def test_generate_steers_each_row_at_its_predicted_layer(w2s):
     assert not torch.equal(plain, routed)
     zero = w2s.generate(**batch, steering_strength=0.0, **kwargs)
     assert torch.equal(zero, plain)
+    scored = dict(output_scores=True, return_dict_in_generate=True, **kwargs)
+    half = torch.stack(w2s.generate(**batch, steering_strength=3.0, **scored).scores)
+    route = SteeringRoute.from_layers(layers, 3.0, NUM_LAYERS, prompt_lengths=batch["attention_mask"].sum(-1))
+    with engine.steer(AdditiveIntervention(w2s.bundle.steering_vectors), route, policy="all"):
+        torch.testing.assert_close(half, torch.stack(w2s.base_model.generate(**batch, **scored).scores))
+    assert (half - torch.stack(w2s.generate(**batch, **scored).scores)).abs().max() > 1e-3, "the strength counts"
 
 
 def test_manual_layer_and_strength_override(w2s):
@@ -159,12 +167,14 @@ def test_attribute_forwarding_and_bad_calls(w2s):
 def test_numpy_and_tensor_scalars_steer_like_python_numbers(w2s):
     batch = encode(w2s.tokenizer)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    reference = w2s.generate(**batch, steering_layer=2, steering_strength=3.0, **kwargs)
+    reference = w2s(**batch, steering_layer=2, steering_strength=3.0).logits
+    assert not torch.equal(reference, w2s(**batch, steering_layer=2, steering_strength=1.0).logits)
     for layer, strength in [(np.int64(2), np.float32(3.0)), (torch.tensor(2), torch.tensor(3.0)),
                             (np.array([2, 2, 2]), np.full(3, 3.0)), (torch.tensor([2, 2, 2]), [3.0, 3, 3])]:
-        assert torch.equal(w2s.generate(**batch, steering_layer=layer, steering_strength=strength, **kwargs), reference)
+        assert torch.equal(w2s(**batch, steering_layer=layer, steering_strength=strength).logits, reference)
     with w2s.steering(layer=np.int64(2), strength=np.float64(3.0)):
-        assert torch.equal(w2s.generate(**batch, **kwargs), reference)
+        assert torch.equal(w2s(**batch).logits, reference)
+    reference = w2s.generate(**batch, steering_layer=2, steering_strength=3.0, **kwargs)
     unsteered_row = w2s.generate(**batch, steering_layer=[2, -1, 2], steering_strength=3.0, **kwargs)
     assert torch.equal(unsteered_row, w2s.generate(**batch, steering_layer=[2, None, 2], steering_strength=3.0, **kwargs))
     with w2s.disable_steering():
@@ -179,11 +189,17 @@ def test_per_row_layers_with_several_layers_a_row_steer_like_the_engine(w2s):
     batch = encode(w2s.tokenizer)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     per_row = [(1, 3), None, 2]
-    routed = w2s.generate(**batch, steering_layer=per_row, steering_strength=[2.0, 5.0, -3.0], **kwargs)
+    scored = dict(output_scores=True, return_dict_in_generate=True, **kwargs)
+    routed = w2s.generate(**batch, steering_layer=per_row, steering_strength=[2.0, 5.0, -3.0], **scored)
     route = SteeringRoute.from_layers(per_row, [2.0, 5.0, -3.0], NUM_LAYERS)
     with SteeringEngine(w2s.base_model).steer(AdditiveIntervention(w2s.bundle.steering_vectors), route):
-        oracle = w2s.base_model.generate(**batch, **kwargs)
-    assert torch.equal(routed, oracle)
+        oracle = w2s.base_model.generate(**batch, **scored)
+    assert torch.equal(routed.sequences, oracle.sequences)
+    torch.testing.assert_close(torch.stack(routed.scores), torch.stack(oracle.scores))
+    with w2s.disable_steering():
+        plain = torch.stack(w2s.generate(**batch, **scored).scores)
+    moved = (torch.stack(routed.scores) - plain).abs().amax(dim=(0, 2))
+    assert moved[0] > 1e-3 and moved[2] > 1e-3 and moved[1] == 0, "rows 0 and 2 steered, row 1 not"
     with w2s.steering(layer=iter(per_row), strength=2.0):  # an iterator is read once, then holds for every call
         first, second = w2s.generate(**batch, **kwargs), w2s.generate(**batch, **kwargs)
     assert torch.equal(first, second)

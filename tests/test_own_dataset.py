@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import NUM_LAYERS, make_model, make_tokenizer
@@ -9,8 +10,9 @@ from datasets import Dataset
 from huggingface_hub import ModelCard
 
 from w2s_hf import W2SSteeringModel
-from w2s_hf.data import DEFAULT_SYSTEM_PROMPT, split_ids
-from w2s_hf.train import FitConfig, fit_bundle
+from w2s_hf.data import DEFAULT_SYSTEM_PROMPT, BehaviorInfo, normalize_columns, split_dataset, split_ids
+from w2s_hf.sweep import layer_sweep
+from w2s_hf.train import FitConfig, build_items, fit_bundle
 
 MAPPING = {"question": "prompt", "choice_a": "option_1", "choice_b": "option_2", "positive": "label"}
 DRINKS = ["coffee", "water", "juice", "milk", "soda"]
@@ -60,7 +62,13 @@ def test_fit_from_an_in_memory_dataset_with_renamed_columns(tmp_path):
     assert report["protocol"] == "answer" and bundle.config.training["n_train"] == 8
     torch.testing.assert_close(bundle.steering_vectors[: NUM_LAYERS - 1], oracle_caa(model, tokenizer, dataset))
     assert report["test"]["BASE"]["n"] == 6
-    assert bundle.config.fixed_layer in (1, 2, 3)
+    info = BehaviorInfo("tea", "custom", "", "")
+    train_items = build_items(split_dataset(normalize_columns(dataset, MAPPING))["train"], "answer", tokenizer, info)
+    swept = layer_sweep(model, train_items, bundle.steering_vectors, tokenizer.pad_token_id, layers=[1, 2, 3],
+                        multipliers=config.multipliers, progress=False)["steerability"]  # [8 train items, 3 layers]
+    means = swept.mean(0)
+    np.testing.assert_allclose(report["train"]["mean_steerability_per_layer"], means, rtol=1e-5, atol=1e-7)
+    assert bundle.config.fixed_layer == [1, 2, 3][int(np.argmax(means))], "the fixed layer is the best train mean"
 
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.datasets is None, "an in-memory dataset names no Hub dataset"

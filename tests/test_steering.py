@@ -92,6 +92,10 @@ def test_left_and_right_padding_give_the_same_steered_rows(tiny_model, vectors, 
         with torch.no_grad(), engine.steer(AdditiveIntervention(vectors), route, policy=policy):
             logits = tiny_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
         out[side] = [logits[row][mask[row].bool()] for row in range(3)]
+        plain = tiny_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        for row in range(3):  # every row steered at its last real token (both policies steer it)
+            last = mask[row].nonzero().max()
+            assert (logits[row, last] - plain[row, last]).abs().max() > 0.01, f"{side} padding, row {row} unsteered"
     for row in range(3):
         torch.testing.assert_close(out["left"][row], out["right"][row], rtol=1e-4, atol=1e-4)
 
@@ -151,6 +155,8 @@ def test_mixed_layer_batch_equals_each_row_alone(tiny_model, vectors):
             alone = tiny_model.generate(input_ids=alone_ids, attention_mask=torch.ones_like(alone_ids),
                                         max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert together[row, ids.shape[1]:].tolist() == alone[0, alone_ids.shape[1]:].tolist()
+    plain = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert not torch.equal(together, plain), "the routes must change the generations for the comparison to mean anything"
 
 
 def test_beam_search_and_num_return_sequences_expand_the_route(tiny_model, vectors):
@@ -166,6 +172,7 @@ def test_beam_search_and_num_return_sequences_expand_the_route(tiny_model, vecto
     with engine.steer(AdditiveIntervention(vectors), SteeringRoute.from_layers([1], 6.0, NUM_LAYERS), policy="generated"):
         alone = tiny_model.generate(input_ids=ids[:1], attention_mask=mask[:1], **kwargs)
     assert torch.equal(steered[:2], alone)
+    assert not torch.equal(steered[:2], plain[:2]), "the routed prompt's beams are steered"
 
 
 def test_hooks_are_removed_after_return_and_after_an_exception(tiny_model, vectors):
@@ -214,6 +221,8 @@ def test_threads_steer_one_model_independently(vectors):
         thread.join()
     for strength in strengths:
         torch.testing.assert_close(results[strength], expected[strength])
+    spread = [(expected[a] - expected[b]).abs().max() for a, b in zip(strengths, strengths[1:])]
+    assert min(spread) > 1e-3, "each thread's expected logits differ (well beyond the tolerance), so a mix-up would show"
     assert hook_ids(model) == hooks_before
 
 
@@ -277,6 +286,9 @@ def test_threads_steering_different_layers_share_hooks_correctly(vectors):
         thread.join()
     for worker_id in range(len(layers)):
         torch.testing.assert_close(results[worker_id], expected[worker_id])
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    assert all((expected[i] - plain).abs().max() > 1e-3 for i in expected), "every worker steers"
+    assert all((expected[i] - expected[j]).abs().max() > 2e-4 for i in expected for j in expected if i < j)  # >> tolerance
     assert not engine.has_hooks
 
 

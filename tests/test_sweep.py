@@ -15,7 +15,7 @@ from w2s_hf.data import BehaviorInfo
 from w2s_hf.metrics import steerability
 from w2s_hf.protocols import build_item
 from w2s_hf.steering import AdditiveIntervention, SteeringEngine
-from w2s_hf.sweep import caa_vectors, layer_sweep, pad_batch, score_propensities, scored_logits
+from w2s_hf.sweep import caa_vectors, class_means, layer_sweep, pad_batch, score_propensities, scored_logits
 
 INFO = BehaviorInfo("toy", "persona (Yes/No statement)", "You like tea.", "You do not like tea.")
 STATEMENTS = ["I like tea", "Tea is great", "I dislike tea", "Coffee is better", "Tea every day", "No tea"]
@@ -135,6 +135,9 @@ def test_caa_vectors_equal_mean_difference_of_block_outputs():
         (positive if sign > 0 else negative).append(acts)
     expected = torch.stack(positive).mean(0) - torch.stack(negative).mean(0)
     torch.testing.assert_close(vectors[: NUM_LAYERS - 1], expected, rtol=1e-4, atol=1e-5)
+    mean_positive, mean_negative = class_means(model, items, 0, batch_size=4, progress=False)  # each, not just the gap
+    torch.testing.assert_close(mean_positive[: NUM_LAYERS - 1], torch.stack(positive).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mean_negative[: NUM_LAYERS - 1], torch.stack(negative).mean(0), rtol=1e-4, atol=1e-5)
 
 
 def test_interrupted_sweep_resumes_without_recomputing_finished_layers(tmp_path, monkeypatch):

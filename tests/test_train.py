@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from w2s_hf.train import FitConfig, fit_bundle, fit_router
+from w2s_hf.train import FitConfig, evaluate_policies, fit_bundle, fit_router
 
 GRID = {"lr": [1e-2], "hidden_dim": [16], "num_hidden_layers": [1], "weight_decay": [0.0]}
 LAYERS = [0, 3, 6, 9]
@@ -86,3 +86,14 @@ def test_fit_bundle_checks_a_config_changed_after_it_was_made(tmp_path):
     with pytest.raises(ValueError, match="`max_train` must be a positive number"):
         fit_bundle(model, make_tokenizer(), config, tmp_path, progress=False)
     assert not forwards and not any(tmp_path.iterdir())
+
+
+def test_evaluate_policies_scores_each_policy_at_its_own_layers():
+    steer = np.array([[0.1, 0.9], [0.8, -0.2], [-0.3, -0.1]])  # 3 samples x layers (3, 5)
+    result = evaluate_policies(steer, [3, 5], {"w2s_top1": np.array([5, 3, 5]), "all_5": np.array([5, 5, 5])}, fixed=3)
+    assert result["fixed"] == {"layer": 3, "steerability": pytest.approx(0.2), "prop_steerable": pytest.approx(2 / 3)}
+    assert result["w2s_top1"]["steerability"] == pytest.approx((0.9 + 0.8 - 0.1) / 3)
+    assert result["w2s_top1"]["prop_steerable"] == pytest.approx(2 / 3)
+    assert result["w2s_top1"]["layer_histogram"] == {3: 1, 5: 2}
+    assert result["all_5"]["steerability"] == pytest.approx((0.9 - 0.2 - 0.1) / 3)
+    assert result["oracle"] == {"steerability": pytest.approx((0.9 + 0.8 - 0.1) / 3), "prop_steerable": pytest.approx(2 / 3)}
