@@ -29,6 +29,7 @@ import w2s_hf.bundle as bundle_module
 from w2s_hf import BundleConfig, BundleError, PromptEncoder, SteeringBundle, W2SSteeringModel
 from w2s_hf.bundle import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, describe_base_model
 from w2s_hf.predictor import LayerPredictor
+from w2s_hf.steering import AdditiveIntervention, SteeringEngine, SteeringRoute
 
 PROMPTS = ["Hello there, who are you?", "Tea or coffee?", "Tell me a story about a cat."]
 GENERATE = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -430,9 +431,12 @@ def test_router_whose_encoder_cannot_be_built_is_a_bundle_error(spec, message):
         with pytest.raises(BundleError, match=f"(?s){message}"):
             call()
         assert_untouched(model, hooks_before, weights_before)
-    with w2s.steering(layer=2):  # a manual layer needs no router: still usable
-        w2s.generate(**batch, **GENERATE)
+    with w2s.steering(layer=2):  # a manual layer needs no router: still usable, and steers as the engine does
+        manual = w2s.generate(**batch, **GENERATE)
     assert_untouched(model, hooks_before, weights_before)
+    route = SteeringRoute.from_layers([2] * len(PROMPTS), bundle.config.default_strength, NUM_LAYERS)
+    with SteeringEngine(model).steer(AdditiveIntervention(bundle.steering_vectors), route):
+        assert torch.equal(manual, model.generate(**batch, **GENERATE))
 
 
 # ---------------------------------------------------------------------------------------------- atomic saves
