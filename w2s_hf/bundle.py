@@ -209,6 +209,11 @@ class BundleConfig:
         return config
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a model name is written as a filesystem path (`/…`, `./…`, `~/…`), which no Hub id is."""
+    return name.startswith((os.sep, ".", "~"))
+
+
 def recorded_name(name: str) -> str:
     """A base-model name as bundles record and compare it: a Hub id as it is, a local folder made absolute
     (so that the bundle reloads it from any working directory)."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 
-from .bundle import SteeringBundle
+from .bundle import SteeringBundle, looks_like_path
 
 LIBRARY_NAME = "w2s-hf"
 
@@ -22,7 +22,7 @@ def is_hub_id(name: str) -> bool:
     """Whether `name` is a Hub repo id (`user/model`), not a local folder."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not name or name.startswith((os.sep, ".", "~")) or Path(name).expanduser().exists():
+    if not name or looks_like_path(name) or Path(name).expanduser().exists():
         return False
     try:
         validate_repo_id(name)
@@ -89,11 +89,12 @@ def render_model_card(bundle: SteeringBundle, repo_id: str | None = None, plots:
     template = (files("w2s_hf.hub_cards") / "model_card.md").read_text()
     candidates = bundle.tensors.get("predictor.candidate_layers")
     base = config.base_model["name_or_path"]
+    on_hub = is_hub_id(base)
     return template.format(
         metadata=yaml.safe_dump(card_metadata(bundle), sort_keys=False).strip(),
-        title=f"w2s-hf steering bundle for {base if is_hub_id(base) else Path(base).name}",
+        title=f"w2s-hf steering bundle for {base if on_hub else Path(base).name}",
         base_model=base,
-        base_model_link=f"[`{base}`](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}` (a local model)",
+        base_model_link=f"[`{base}`](https://huggingface.co/{base})" if on_hub else f"`{base}` (a local model)",
         repo_id=repo_id or "path/to/this/bundle",
         method=config.method,
         num_layers=config.num_layers,

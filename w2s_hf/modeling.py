@@ -18,7 +18,7 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from torch import nn
 
-from .bundle import BundleError, SteeringBundle
+from .bundle import BundleError, SteeringBundle, looks_like_path
 from .encoders import InternalEncoder, PromptEncoder, early_block_outputs, encoder_from_spec
 from .l2s import L2SNetworks, last_token_states
 from .layers import context_length_of, is_scalar, layer_index
@@ -127,7 +127,7 @@ def _load_named(bundle: SteeringBundle, what: str, loader, **kwargs):
         return loader(info["name_or_path"], revision=info.get("revision"), gguf_file=info.get("gguf_file"), **kwargs)
     except (OSError, HFValidationError) as err:
         name = info["name_or_path"]
-        local = name.startswith((os.sep, ".", "~")) and not os.path.exists(os.path.expanduser(name))
+        local = looks_like_path(name) and not os.path.exists(os.path.expanduser(name))
         raise BundleError(
             f"The bundle was trained on {name!r}, whose {what} cannot be loaded here "
             f"({'no such folder' if local else err}). "

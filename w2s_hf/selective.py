@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention_features import attention_features
 from .bundle import BundleConfig, SteeringBundle, describe_base_model
-from .data import behavior_info, load_behavior, split_dataset
+from .data import behavior_info, check_example_limit, load_behavior, split_dataset
 from .layers import unsteered
 from .protocols import build_item, default_protocol
 from .rotation import ROTATION_MODES, build_plane, discriminative_layer_mask
@@ -55,8 +55,7 @@ def fit_rotation_bundle(
     """
     model = unsteered(model)
     angle = check_strength(angle)
-    if max_train is not None and (isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 1):
-        raise ValueError(f"`max_train` must be a positive number of examples or None (all), got {max_train!r}.")
+    check_example_limit(max_train)
     if mode not in ROTATION_MODES:
         raise ValueError(f"Unknown rotation mode {mode!r}; choose one of {list(ROTATION_MODES)}.")
     info = behavior_info(behavior, data_dir)

@@ -20,7 +20,15 @@ from torch import nn
 
 from .attention_features import attention_features, layer_relevance
 from .bundle import BundleConfig, SteeringBundle, describe_base_model
-from .data import PROMPT_VARIANTS, BehaviorInfo, behavior_info, load_behavior, normalize_columns, split_dataset
+from .data import (
+    PROMPT_VARIANTS,
+    BehaviorInfo,
+    behavior_info,
+    check_example_limit,
+    load_behavior,
+    normalize_columns,
+    split_dataset,
+)
 from .encoders import ENCODER_TYPES, PromptEncoder, encoder_from_spec
 from .labels import active_layers, best_layers, fixed_layer, frequency_smoothed_labels
 from .layers import check_layer_ids, unsteered
@@ -95,9 +103,8 @@ class FitConfig:
         check_multipliers(self.multipliers)
         if self.layers is not None and not list(self.layers):
             raise ValueError("`layers` is empty; give the layers to sweep, or None for every layer.")
-        for name in ("max_train", "max_eval"):
-            if getattr(self, name) is not None and not positive(getattr(self, name)):
-                raise ValueError(f"`{name}` must be a positive number of examples or None (all), got {getattr(self, name)!r}.")
+        check_example_limit(self.max_train, "max_train")
+        check_example_limit(self.max_eval, "max_eval")
         if not self.smoothing_k or not all(positive(k) for k in self.smoothing_k):
             raise ValueError(f"`smoothing_k` must be positive integers, got {self.smoothing_k!r}.")
         if not isinstance(self.default_strength, (int, float)) or not math.isfinite(self.default_strength):
