@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import HIDDEN, make_model, make_tokenizer
 from fake_hub import fake_hub
 from huggingface_hub import ModelCard, constants
 
 from test_modeling import PROMPTS, make_bundle
-from w2s_hf import BundleError, SteeringBundle, W2SSteeringModel
-from w2s_hf.bundle import CONFIG_NAME, WEIGHTS_NAME, resolve_bundle_folder
+from w2s_hf import BundleConfig, BundleError, SteeringBundle, W2SSteeringModel
+from w2s_hf.bundle import CONFIG_NAME, METHODS, WEIGHTS_NAME, resolve_bundle_folder
+from w2s_hf.card import METHOD_SUMMARIES, render_model_card
 
 REPO = "me/tiny-w2s"
 
@@ -102,6 +103,30 @@ def test_a_bundle_of_a_local_model_pushes_a_card_without_a_local_base_model(hub,
     assert card.data.base_model is None and card.data.library_name == "w2s-hf"
     assert "# w2s-hf steering bundle for my-finetune\n" in card.text
     assert f"for `{folder}` (a local model):" in card.text and "huggingface.co/" not in card.text  # no dead link
+
+
+def test_the_card_says_how_the_bundle_steers_routed_or_at_its_fixed_layers(w2s):
+    routed = render_model_card(w2s.bundle)
+    assert "per-layer steering vectors (CAA activation addition) plus a *Where-to-Steer* layer predictor" in routed
+    config = w2s.bundle.config
+    fixed = SteeringBundle(
+        BundleConfig(base_model=config.base_model, fixed_layer=2), {"steering_vectors": w2s.bundle.steering_vectors}
+    )
+    card = render_model_card(fixed)
+    assert "(CAA activation addition), applied at layer 2 for every prompt (no layer predictor)." in card
+    assert "Where-to-Steer" not in card and "| prompt encoder | none (fixed layer) |" in card
+    mask = torch.tensor([False, True, False, True])
+    rotation = SteeringBundle(
+        BundleConfig(base_model=config.base_model, method="rotation"),
+        {"steering_vectors": w2s.bundle.steering_vectors, "rotation.b1": torch.eye(HIDDEN)[0],
+         "rotation.b2": torch.eye(HIDDEN)[1], "layer_mask": mask},
+    )
+    assert rotation.default_layers() == [1, 3]  # the layers W2SSteeringModel steers without a router
+    assert "a norm-preserving rotation plane (Selective Steering), applied at layers 1, 3 for every prompt" in (
+        render_model_card(rotation))
+    unrouted = SteeringBundle(BundleConfig(base_model=config.base_model), {"steering_vectors": w2s.bundle.steering_vectors})
+    assert "no layer predictor and no fixed layer (pass `steering_layer=`" in render_model_card(unrouted)
+    assert set(METHOD_SUMMARIES) == set(METHODS)
 
 
 def test_revisions_pull_requests_and_the_cache_are_honoured(hub, w2s, tmp_path):

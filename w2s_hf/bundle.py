@@ -323,6 +323,22 @@ class SteeringBundle:
     def steering_vectors(self) -> torch.Tensor:
         return self.tensors["steering_vectors"]
 
+    def default_layers(self) -> list[int]:
+        """Layers steered without a router: the `layer_mask` (e.g. the discriminative layers of a rotation
+        bundle, or the layers of an imported control vector), else the fixed layer; empty when neither.
+
+        Example:
+
+        ```python
+        >>> SteeringBundle.load("my-bundle").default_layers()
+        [12]
+        ```
+        """
+        mask = self.tensors.get("layer_mask")
+        if mask is not None:
+            return torch.nonzero(mask.bool()).flatten().tolist()
+        return [] if self.config.fixed_layer is None else [self.config.fixed_layer]
+
     def predictor_state_dict(self) -> dict[str, torch.Tensor]:
         prefix = "predictor."
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}

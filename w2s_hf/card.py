@@ -47,6 +47,25 @@ def card_metadata(bundle: SteeringBundle) -> dict:
     return metadata
 
 
+METHOD_SUMMARIES = {
+    "caa": "per-layer steering vectors (CAA activation addition)",
+    "rotation": "a norm-preserving rotation plane (Selective Steering)",
+    "l2s": "input-dependent steering vectors (L2S networks)",
+}
+
+
+def bundle_summary(bundle: SteeringBundle) -> str:
+    """One phrase saying what the bundle steers with and where: routed per prompt, or at fixed layers."""
+    what = METHOD_SUMMARIES[bundle.config.method]
+    if bundle.config.predictor is not None:
+        return f"{what} plus a *Where-to-Steer* layer predictor that picks, for every prompt, the decoder layer to steer"
+    layers = bundle.default_layers()
+    if not layers:
+        return f"{what}, with no layer predictor and no fixed layer (pass `steering_layer=` to `generate`)"
+    named = f"{'layer' if len(layers) == 1 else 'layers'} {', '.join(map(str, layers))}"
+    return f"{what}, applied at {named} for every prompt (no layer predictor)"
+
+
 def _evaluation_table(evaluation: dict) -> str:
     rows = evaluation.get("rows")
     if not rows:
@@ -95,6 +114,7 @@ def render_model_card(bundle: SteeringBundle, repo_id: str | None = None, plots:
         title=f"w2s-hf steering bundle for {base if on_hub else Path(base).name}",
         base_model=base,
         base_model_link=f"[`{base}`](https://huggingface.co/{base})" if on_hub else f"`{base}` (a local model)",
+        summary=bundle_summary(bundle),
         repo_id=repo_id or "path/to/this/bundle",
         method=config.method,
         num_layers=config.num_layers,

@@ -352,12 +352,10 @@ class W2SSteeringModel(nn.Module):
     def default_layers(self) -> list[int]:
         """Layers steered without a router: the bundle's `layer_mask` (e.g. the discriminative layers of a
         rotation bundle, or the layers of an imported control vector), else its fixed layer."""
-        mask = self.bundle.tensors.get("layer_mask")
-        if mask is not None:
-            return torch.nonzero(mask.bool()).flatten().tolist()
-        if self.bundle.config.fixed_layer is None:
+        layers = self.bundle.default_layers()
+        if not layers:
             raise BundleError("This bundle has neither a layer predictor nor a fixed layer; pass `steering_layer=`.")
-        return [self.bundle.config.fixed_layer]
+        return layers
 
     def predict_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The layer each prompt is steered at: `LongTensor[batch]` (the fixed layer without a router)."""
