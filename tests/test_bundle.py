@@ -102,6 +102,19 @@ def test_a_base_model_without_a_name_gets_a_warning(caplog):
     assert "has no name" in caplog.text and "'tiny-llama'" in caplog.text
 
 
+def test_another_model_of_the_same_shape_gets_a_warning_and_still_loads(caplog):
+    bundle = fixed_bundle(make_model("llama"))
+    other = make_model("llama", seed=3)
+    other.config._name_or_path = "someone/other-llama"
+    with caplog.at_level(logging.WARNING, logger="w2s_hf.bundle"):
+        bundle.check_compatible(other)
+    assert "trained on 'tiny-llama' and is being applied to 'someone/other-llama' (same shape)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="w2s_hf.bundle"):
+        bundle.check_compatible(make_model("llama", seed=3))  # its own model id: silent
+    assert caplog.text == ""
+
+
 def test_a_local_base_model_is_recorded_by_absolute_path(tmp_path, monkeypatch, caplog):
     model = make_model("llama")
     (tmp_path / "models" / "tiny").mkdir(parents=True)

@@ -111,6 +111,42 @@ def test_pipeline_equals_generate_and_logs_no_support_error(w2s, caplog):
     assert plain != text
 
 
+def test_sampling_is_steered_like_the_engine_with_the_same_seed(w2s):
+    batch = encode(w2s.tokenizer)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=0, temperature=1.0, pad_token_id=0)
+    torch.manual_seed(11)
+    sampled = w2s.generate(**batch, **kwargs)
+    route = SteeringRoute.from_layers(w2s.predict_layers(batch["input_ids"], batch["attention_mask"]), 6.0,
+                                      NUM_LAYERS, prompt_lengths=batch["attention_mask"].sum(-1))
+    with SteeringEngine(w2s.base_model).steer(AdditiveIntervention(w2s.bundle.steering_vectors), route, policy="all"):
+        torch.manual_seed(11)
+        oracle = w2s.base_model.generate(**batch, **kwargs)
+    torch.manual_seed(11)
+    plain = w2s.base_model.generate(**batch, **kwargs)
+    assert torch.equal(sampled, oracle)
+    assert not torch.equal(sampled, plain)  # the same seed samples other tokens once steered
+
+
+def test_a_streamer_receives_the_steered_tokens(w2s):
+    class Collect:
+        def __init__(self) -> None:
+            self.chunks, self.ended = [], False
+
+        def put(self, value: torch.Tensor) -> None:
+            self.chunks.append(value.reshape(-1))
+
+        def end(self) -> None:
+            self.ended = True
+
+    batch = encode(w2s.tokenizer, PROMPTS[:1])  # streamers take one row
+    streamer = Collect()
+    out = w2s.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, streamer=streamer)
+    assert streamer.ended and torch.equal(torch.cat(streamer.chunks), out[0])  # the prompt, then each new token
+    with w2s.disable_steering():
+        plain = w2s.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert not torch.equal(out, plain)
+
+
 def test_no_hook_remains_after_generate_raises(w2s):
     batch = encode(w2s.tokenizer)
     before = {k for m in w2s.engine.layers for k in m._forward_hooks}
