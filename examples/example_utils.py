@@ -72,7 +72,7 @@ def load_base(args: argparse.Namespace, **kwargs):
 
 
 def quick_fit_config(args: argparse.Namespace, behavior: str = "anti-LGBTQ") -> FitConfig:
-    """A small training run: seconds on the tiny model, a few minutes on SmolLM2 (like `w2s-hf demo`)."""
+    """A small training run: seconds on the tiny model, about 2 min on SmolLM2 (a 2-core VM; like `w2s-hf demo`)."""
     if args.tiny:
         return FitConfig(behavior, encoder={"type": "internal", "layer": 0}, layers=[1, 2, 3],
                          multipliers=(-2.0, 0.0, 2.0), max_train=12, smoothing_k=(1,), default_strength=4.0,

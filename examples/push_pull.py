@@ -1,6 +1,6 @@
 """Share a bundle through the Hugging Face Hub: `push_to_hub`, then `from_pretrained` by repo id.
 
-    huggingface-cli login                                             # once: a token with write access
+    hf auth login                                                     # once: a token with write access
     python examples/push_pull.py --repo-id me/w2s-anti-lgbtq          # push to main, pull it back
     python examples/push_pull.py --repo-id me/w2s-anti-lgbtq --revision v2 --private
     python examples/push_pull.py --tiny --offline-demo                # no network: a local folder stands in

@@ -1,6 +1,6 @@
 """Quickstart: train a small Where-to-Steer bundle, reload it with `from_pretrained`, generate steered text.
 
-    python examples/quickstart.py            # packaged SmolLM2-135M-Instruct (a few minutes on a CPU)
+    python examples/quickstart.py            # packaged SmolLM2-135M-Instruct (2 min on a 2-core CPU)
     python examples/quickstart.py --tiny     # tiny random Llama (seconds; the text is gibberish)
 """
 

@@ -1,8 +1,8 @@
 """Steering evaluation metrics (paper section 3.2, after Tan et al., 2024).
 
 The *steerability* of one input is the slope of the least-squares line through its propensity
-scores (logit difference between the positive and negative answer) measured at several steering
-multipliers. An input is *steerable* when that slope is positive.
+scores (the protocol's logit or log-prob difference between the positive and negative answer)
+measured at several steering multipliers. An input is *steerable* when that slope is positive.
 """
 
 from __future__ import annotations
