@@ -19,7 +19,8 @@ from huggingface_hub import ModelCard, constants
 from test_modeling import PROMPTS, make_bundle
 from w2s_hf import BundleConfig, BundleError, SteeringBundle, W2SSteeringModel
 from w2s_hf.bundle import CONFIG_NAME, METHODS, WEIGHTS_NAME, resolve_bundle_folder
-from w2s_hf.card import METHOD_SUMMARIES, render_model_card
+from w2s_hf.card import METHOD_SUMMARIES, ROTATION_MODE_SUMMARIES, render_model_card
+from w2s_hf.rotation import ROTATION_MODES
 
 REPO = "me/tiny-w2s"
 
@@ -124,9 +125,12 @@ def test_the_card_says_how_the_bundle_steers_routed_or_at_its_fixed_layers(w2s):
     assert rotation.default_layers() == [1, 3]  # the layers W2SSteeringModel steers without a router
     assert "a norm-preserving rotation plane (Selective Steering), applied at layers 1, 3 for every prompt" in (
         render_model_card(rotation))
+    rotation.config.extra["rotation_mode"] = "add"
+    assert "an addition along the rotation plane's feature direction (a Selective Steering baseline), applied" in (
+        render_model_card(rotation))
     unrouted = SteeringBundle(BundleConfig(base_model=config.base_model), {"steering_vectors": w2s.bundle.steering_vectors})
     assert "no layer predictor and no fixed layer (pass `steering_layer=`" in render_model_card(unrouted)
-    assert set(METHOD_SUMMARIES) == set(METHODS)
+    assert set(METHOD_SUMMARIES) == set(METHODS) and set(ROTATION_MODE_SUMMARIES) == set(ROTATION_MODES)
 
 
 def test_revisions_pull_requests_and_the_cache_are_honoured(hub, w2s, tmp_path):

@@ -52,12 +52,20 @@ METHOD_SUMMARIES = {
     "rotation": "a norm-preserving rotation plane (Selective Steering)",
     "l2s": "input-dependent steering vectors (L2S networks)",
 }
+ROTATION_MODE_SUMMARIES = {
+    "rotate": METHOD_SUMMARIES["rotation"],
+    "angular": "a rotation plane set to an absolute angle (Angular Steering)",
+    "add": "an addition along the rotation plane's feature direction (a Selective Steering baseline)",
+}
 
 
 def bundle_summary(bundle: SteeringBundle) -> str:
     """One phrase saying what the bundle steers with and where: routed per prompt, or at fixed layers."""
-    what = METHOD_SUMMARIES[bundle.config.method]
-    if bundle.config.predictor is not None:
+    config = bundle.config
+    what = METHOD_SUMMARIES[config.method]
+    if config.method == "rotation":
+        what = ROTATION_MODE_SUMMARIES[config.extra.get("rotation_mode", "rotate")]
+    if config.predictor is not None:
         return f"{what} plus a *Where-to-Steer* layer predictor that picks, for every prompt, the decoder layer to steer"
     layers = bundle.default_layers()
     if not layers:
