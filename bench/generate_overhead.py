@@ -5,7 +5,10 @@ at each batch size, their ratio, and the routing cost per prompt (encode + predi
 MiniLM encoder and the internal encoder. A diagnostic row runs the MiniLM model with its routed
 layers given (`steering_layer=`, no routing) to split routing from steering, and one generate of each
 W2S model is clocked from the inside: the host time of steering's own code (routing and hooks), the
-part of the ratio that does not drown in machine noise. On CUDA it also prints
+part of the ratio that does not drown in machine noise. It also counts the device kernels (ATen
+operations that are not views) each generated token dispatches, base against steered: on a GPU
+where small-batch decoding is bound by kernel launches, their ratio is the device side of the
+overhead, measurable on any machine. On CUDA it also prints
 the memory the steering adds: resident (vectors, router head; the MiniLM encoder apart) and the peak
 of `generate` over the base model's. The bundle is synthetic (random router, CAA-sized vectors):
 speed does not depend on what the router learned.
@@ -22,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from w2s_hf import BundleConfig, SteeringBundle, W2SSteeringModel
 from w2s_hf.bundle import describe_base_model
@@ -64,6 +68,32 @@ def speed_ratio(base: list[float], other: list[float]) -> str:
     relative to the base), with the lowest and highest round: the spread tells noise from a real gap."""
     ratios = [b / o for b, o in zip(base, other)]
     return f"{statistics.median(ratios):.3f}x, rounds {min(ratios):.3f}-{max(ratios):.3f}"
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts the ATen operations that reach the dispatcher and are not views (a view launches no
+    kernel; in-place and out-of-place operations do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        returns = func._schema.returns
+        if not (returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write):
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_per_token(generate: Callable[[int], object], short: int = 4, long: int = 12) -> float:
+    """Kernels one more generated token dispatches: the difference of two generate lengths, so the
+    prompt pass and routing (the same in both) cancel out."""
+    counts = []
+    for new_tokens in (short, long):
+        with KernelCounter() as counter:
+            generate(new_tokens)
+        counts.append(counter.kernels)
+    return (counts[1] - counts[0]) / (long - short)
 
 
 @contextmanager
@@ -152,6 +182,12 @@ def main() -> None:
             print(f"           {name} steering's own host time: routing {1000 * spent['routing']:.2f} ms + hooks "
                   f"{1e6 * spent['hooks'] / args.new_tokens:.0f} us/token = {1000 * own:.1f} ms a generate "
                   f"({seconds['base'] / (seconds['base'] + own):.4f}x of the base's {seconds['base']:.2f} s)")
+        kernels = {name: kernels_per_token(lambda n: model_.generate(**batch, max_new_tokens=n, min_new_tokens=n,
+                                                                      do_sample=False))
+                   for name, model_ in (("base", model), ("W2S+MiniLM", w2s), ("W2S+internal", w2s_internal))}
+        print("           device kernels a generated token: " + " | ".join(
+            f"{name} {count:.0f}" + ("" if name == "base" else f" (+{count - kernels['base']:.0f}, "
+                                     f"{kernels['base'] / count:.4f}x)") for name, count in kernels.items()))
         internal_layers = w2s_internal.predict_layers(ids, mask).tolist()
         print(f"           MiniLM layers given (no routing): {rate('given')}; "
               f"routed layers: MiniLM {sorted(set(routed))}, internal {sorted(set(internal_layers))}")
