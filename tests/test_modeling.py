@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import HIDDEN, NUM_LAYERS, make_model, make_tokenizer
 from safetensors import safe_open
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import pipeline
 
 from w2s_hf import BundleConfig, BundleError, SteeringBundle, W2SSteeringModel
@@ -145,6 +147,42 @@ def test_a_streamer_receives_the_steered_tokens(w2s):
     with w2s.disable_steering():
         plain = w2s.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert not torch.equal(out, plain)
+
+
+class _DispatchedOps(TorchDispatchMode):
+    """Names of the ATen operations that reach the dispatcher, views apart (those launch no kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        returns = func._schema.returns
+        if not (returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write):
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("policy", "most"), [("all", 5), ("generated", 10)])
+def test_a_generated_token_costs_the_steering_kernels_only(w2s, policy, most):
+    """Per generated token, steering adds a handful of kernels in the one steered block (strength x vector, the
+    addition, the row/position selection), however deep the model, and never a host sync."""
+
+    def kernels_per_token(generate) -> collections.Counter:
+        counts = []
+        for new_tokens in (4, 12):  # the prompt pass and routing are the same in both and cancel out
+            with _DispatchedOps() as counter:
+                generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            counts.append(counter.ops)
+        return collections.Counter({op: n // 8 for op, n in (counts[1] - counts[0]).items()})
+
+    batch = encode(w2s.tokenizer)  # padded rows: the positions mask is in play
+    base = kernels_per_token(lambda **kwargs: w2s.base_model.generate(**batch, **kwargs))
+    steered = kernels_per_token(lambda **kwargs: w2s.generate(**batch, steering_policy=policy, **kwargs))
+    added = steered - base
+    assert not base - steered
+    assert {"mul", "add", "where"} <= set(added) and sum(added.values()) <= most, added
+    assert "_local_scalar_dense" not in added  # no `.item()`: the GPU never waits for the host
 
 
 def test_no_hook_remains_after_generate_raises(w2s):
