@@ -10,6 +10,7 @@ import torch
 from conftest import HIDDEN, NUM_LAYERS, make_model
 from safetensors.torch import save_file
 
+from w2s_hf import W2SSteeringModel
 from w2s_hf.bundle import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, BundleConfig, BundleError, SteeringBundle, describe_base_model
 
 
@@ -107,8 +108,9 @@ def test_another_model_of_the_same_shape_gets_a_warning_and_still_loads(caplog):
     other = make_model("llama", seed=3)
     other.config._name_or_path = "someone/other-llama"
     with caplog.at_level(logging.WARNING, logger="w2s_hf.bundle"):
-        bundle.check_compatible(other)
+        model = W2SSteeringModel(other, bundle)
     assert "trained on 'tiny-llama' and is being applied to 'someone/other-llama' (same shape)" in caplog.text
+    assert model.default_layers == [2]  # loaded: it steers at the bundle's fixed layer
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="w2s_hf.bundle"):
         bundle.check_compatible(make_model("llama", seed=3))  # its own model id: silent

@@ -128,6 +128,8 @@ def test_the_card_says_how_the_bundle_steers_routed_or_at_its_fixed_layers(w2s):
     rotation.config.extra["rotation_mode"] = "add"
     assert "an addition along the rotation plane's feature direction (a Selective Steering baseline), applied" in (
         render_model_card(rotation))
+    rotation.config.extra["rotation_mode"] = "spiral"  # a newer version's mode: the card still renders
+    assert "a rotation plane in mode 'spiral', applied at layers 1, 3" in render_model_card(rotation)
     unrouted = SteeringBundle(BundleConfig(base_model=config.base_model), {"steering_vectors": w2s.bundle.steering_vectors})
     assert "no layer predictor and no fixed layer (pass `steering_layer=`" in render_model_card(unrouted)
     assert set(METHOD_SUMMARIES) == set(METHODS) and set(ROTATION_MODE_SUMMARIES) == set(ROTATION_MODES)

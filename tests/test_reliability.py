@@ -152,6 +152,10 @@ BAD_BUNDLES = {
         set_tensor("layer_mask", torch.ones(NUM_LAYERS + 1, dtype=torch.bool)),
         r"layer_mask must be a bool tensor of shape \[4\].*re-save",
     ),
+    "layer-mask-steers-nothing": (
+        set_tensor("layer_mask", torch.zeros(NUM_LAYERS, dtype=torch.bool)),
+        r"layer_mask steers no layer.*drop it to steer at the fixed layer",
+    ),
     "candidate-layer-out-of-range": (
         set_tensor("predictor.candidate_layers", torch.tensor([1, 2, NUM_LAYERS])),
         r"candidate layers \[1, 2, 4\] are out of range.*re-train",

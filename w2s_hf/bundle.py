@@ -289,6 +289,9 @@ class SteeringBundle:
                 f"layer_mask must be a bool tensor of shape [{self.config.num_layers}], got {mask.dtype} "
                 f"{list(mask.shape)}; re-save the bundle."
             )
+        if mask is not None and not mask.any():
+            raise BundleError("layer_mask steers no layer; set at least one layer in it, or drop it to steer at the "
+                              "fixed layer.")
         candidates = self.tensors.get("predictor.candidate_layers")
         if candidates is not None and (
             (candidates < 0).any() or (candidates >= self.config.num_layers).any() or candidates.numel() == 0
@@ -336,7 +339,7 @@ class SteeringBundle:
         """
         mask = self.tensors.get("layer_mask")
         if mask is not None:
-            return torch.nonzero(mask.bool()).flatten().tolist()
+            return torch.nonzero(mask).flatten().tolist()
         return [] if self.config.fixed_layer is None else [self.config.fixed_layer]
 
     def predictor_state_dict(self) -> dict[str, torch.Tensor]:

@@ -60,11 +60,27 @@ ROTATION_MODE_SUMMARIES = {
 
 
 def bundle_summary(bundle: SteeringBundle) -> str:
-    """One phrase saying what the bundle steers with and where: routed per prompt, or at fixed layers."""
+    """One phrase for the model card: what the bundle steers with, and where (routed per prompt, or at
+    the layers it steers without a router).
+
+    Args:
+        bundle: the bundle the card describes.
+
+    Returns:
+        `str`: the phrase, without a final full stop.
+
+    Example:
+
+    ```python
+    >>> bundle_summary(SteeringBundle(BundleConfig(base_model=info, fixed_layer=12), {"steering_vectors": vectors}))
+    'per-layer steering vectors (CAA activation addition), applied at layer 12 for every prompt (no layer predictor)'
+    ```
+    """
     config = bundle.config
     what = METHOD_SUMMARIES[config.method]
     if config.method == "rotation":
-        what = ROTATION_MODE_SUMMARIES[config.extra.get("rotation_mode", "rotate")]
+        mode = config.extra.get("rotation_mode", "rotate")
+        what = ROTATION_MODE_SUMMARIES.get(str(mode), f"a rotation plane in mode {mode!r}")  # a newer version's mode
     if config.predictor is not None:
         return f"{what} plus a *Where-to-Steer* layer predictor that picks, for every prompt, the decoder layer to steer"
     layers = bundle.default_layers()

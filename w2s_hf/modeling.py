@@ -351,7 +351,11 @@ class W2SSteeringModel(nn.Module):
     @property
     def default_layers(self) -> list[int]:
         """Layers steered without a router: the bundle's `layer_mask` (e.g. the discriminative layers of a
-        rotation bundle, or the layers of an imported control vector), else its fixed layer."""
+        rotation bundle, or the layers of an imported control vector), else its fixed layer.
+
+        Raises:
+            BundleError: when the bundle has neither (then every call must pass `steering_layer=`).
+        """
         layers = self.bundle.default_layers()
         if not layers:
             raise BundleError("This bundle has neither a layer predictor nor a fixed layer; pass `steering_layer=`.")
