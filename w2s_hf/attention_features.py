@@ -524,7 +524,6 @@ def attention_vectors(
     >>> several = attention_vectors(model, items, tok.pad_token_id, num_directions=4)  # [30, 4, 576]
     ```
     """
-    model = unsteered(model)
     return feature_directions(attention_features(model, items, pad_id, **feature_kwargs), num_directions)
 
 
@@ -651,7 +650,6 @@ def layer_relevance(
     >>> relevance.top(3), relevance.to_dict()["score"]
     ```
     """
-    model = unsteered(model)
     features = features if features is not None else attention_features(
         model, items, pad_id, batch_size=batch_size, progress=progress
     )

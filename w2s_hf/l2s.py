@@ -155,7 +155,6 @@ def context_representations(
     torch.Size([400, 576])
     ```
     """
-    model = unsteered(model)
     device = _device_of(model)
     chunks = []
     for start in tqdm(range(0, len(items), batch_size), desc="context states", disable=not progress):
@@ -502,7 +501,6 @@ def oracle_fixed_layer(
     >>> layer, sweep = oracle_fixed_layer(model, train_items, oracle_train, tok.pad_token_id, layers=range(0, 30, 3))
     ```
     """
-    model = unsteered(model)
     sweep = layer_sweep(model, items, oracle, pad_id, layers=layers, multipliers=multipliers, **sweep_kwargs)
     return int(sweep["layers"][best_mean_column(sweep["steerability"])]), sweep
 
@@ -546,7 +544,6 @@ def evaluate_l2s(
     >>> result["l2s_w2s"]["steerability"], result["l2s_fixed"]["steerability"]
     ```
     """
-    model = unsteered(model)
     engine = engine or SteeringEngine(model)
     oracle = oracle_vectors(model, items, pad_id, progress=progress) if oracle is None else oracle
     contexts = context_representations(model, items, pad_id, progress=progress) if contexts is None else contexts

@@ -112,7 +112,6 @@ def caa_vectors(
     >>> vectors = caa_vectors(model, [build_item(ex, "answer", tok, info) for ex in train], tok.pad_token_id)
     ```
     """
-    model = unsteered(model)
     positive, negative = class_means(model, items, pad_id, batch_size, progress)
     return positive - negative
 
@@ -260,7 +259,6 @@ def steerability_at(
     ...                          base=fixed["propensity"][:, 2])
     ```
     """
-    model = unsteered(model)
     multipliers = [float(m) for m in multipliers]
     if len(layers) != len(items) or vectors.shape[0] != len(items):
         raise ValueError(
@@ -504,7 +502,6 @@ def data_parallel_layer_sweep(model: nn.Module, items: Sequence[Item], vectors: 
     >>> result = data_parallel_layer_sweep(model, items, vectors, tok.pad_token_id, cache_dir="runs/sweep")
     ```
     """
-    model = unsteered(model)
     from accelerate import PartialState
 
     state = PartialState(cpu=_device_of(model).type == "cpu")  # gloo for CPU models, the default backend otherwise
