@@ -123,9 +123,14 @@ def split_ids(ids: list[str], seed: int = 0) -> dict[str, list[str]]:
     return {"train": ordered[:b1], "val": ordered[b1:b2], "test": ordered[b2:]}
 
 
+def is_count(value: object) -> bool:
+    """Whether `value` is a positive integer (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_example_limit(limit: object, name: str = "max_train") -> int | None:
     """A cap on the number of examples used (`max_train`, `max_eval`): a positive integer, or None for all."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and not is_count(limit):
         raise ValueError(f"`{name}` must be a positive number of examples or None (all), got {limit!r}.")
     return limit
 

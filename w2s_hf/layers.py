@@ -66,8 +66,8 @@ def is_scalar(value: object) -> bool:
 
 def layer_index(value: object, what: str = "Layers") -> int:
     """`value` as a layer index: an integer of any kind (`3`, `np.int64(3)`, `torch.tensor(3)`), not a bool or float."""
-    if not isinstance(value, bool) and is_scalar(value):
-        number = value.item() if hasattr(value, "item") else value
+    if is_scalar(value):
+        number = value.item() if hasattr(value, "item") else value  # a bool stays a bool: refused below
         if isinstance(number, numbers.Integral) and not isinstance(number, bool):
             return int(number)
     raise TypeError(f"{what} takes layer indices (ints), got {value!r}.")

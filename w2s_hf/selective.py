@@ -80,7 +80,7 @@ def fit_rotation_bundle(
     config = BundleConfig(
         base_model=describe_base_model(model, gguf_file=getattr(model.config, "w2s_gguf_file", None)),
         method="rotation",
-        default_strength=float(angle),
+        default_strength=angle,
         training={"behavior": behavior, "protocol": protocol, "n_train": len(items), "feature_layer": chosen,
                   "extraction": extraction,
                   "datasets": ["anthropics/evals"]},

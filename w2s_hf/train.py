@@ -25,6 +25,7 @@ from .data import (
     BehaviorInfo,
     behavior_info,
     check_example_limit,
+    is_count,
     load_behavior,
     normalize_columns,
     split_dataset,
@@ -93,9 +94,6 @@ class FitConfig:
     def validate(self) -> None:
         """Checks every field, so that a bad setting fails before any forward pass (`fit_bundle` checks again)."""
 
-        def positive(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise ValueError(f"Unknown protocol {self.protocol!r}; choose one of {list(PROTOCOLS)} (or None: the default).")
         if not isinstance(self.encoder, dict) or self.encoder.get("type") not in ENCODER_TYPES:
@@ -105,19 +103,19 @@ class FitConfig:
             raise ValueError("`layers` is empty; give the layers to sweep, or None for every layer.")
         check_example_limit(self.max_train, "max_train")
         check_example_limit(self.max_eval, "max_eval")
-        if not self.smoothing_k or not all(positive(k) for k in self.smoothing_k):
+        if not self.smoothing_k or not all(is_count(k) for k in self.smoothing_k):
             raise ValueError(f"`smoothing_k` must be positive integers, got {self.smoothing_k!r}.")
         if not isinstance(self.default_strength, (int, float)) or not math.isfinite(self.default_strength):
             raise ValueError(f"`default_strength` must be a finite number, got {self.default_strength!r}.")
         check_position_policy(self.position_policy)
-        if not positive(self.batch_size):
+        if not is_count(self.batch_size):
             raise ValueError(f"`batch_size` must be a positive integer, got {self.batch_size!r}.")
         unknown = [variant for variant in self.variants if variant not in PROMPT_VARIANTS]
         if unknown or not self.variants:
             raise ValueError(f"Unknown prompt variants {unknown or list(self.variants)}; choose from {list(PROMPT_VARIANTS)}.")
         if self.extraction not in EXTRACTIONS:
             raise ValueError(f"Unknown extraction {self.extraction!r}; choose one of {list(EXTRACTIONS)}.")
-        if self.relevance_prune is not None and not positive(self.relevance_prune):
+        if self.relevance_prune is not None and not is_count(self.relevance_prune):
             raise ValueError(f"`relevance_prune` must be a positive number of layers, got {self.relevance_prune}.")
 
 
