@@ -149,6 +149,8 @@ def test_internal_encoder_layer_out_of_range_is_refused():
     info = describe_base_model(make_model("llama"))
     with pytest.raises(BundleError, match=f"internal prompt encoder reads layer {NUM_LAYERS}, out of range"):
         BundleConfig(base_model=info, fixed_layer=2, encoder={"type": "internal", "layer": NUM_LAYERS}).validate()
+    with pytest.raises(BundleError, match=f"reads layer {NUM_LAYERS}, out of range.*encoder.layer\\(s\\)"):
+        BundleConfig(base_model=info, fixed_layer=2, encoder={"type": "internal", "layers": [0, NUM_LAYERS]}).validate()
 
 
 def test_interrupted_save_never_loads_as_valid(tmp_path, monkeypatch):

@@ -113,6 +113,16 @@ def test_an_unloadable_base_model_is_a_clean_error(tiny_folder, tmp_path, capsys
     assert not (tmp_path / "y" / "cache").exists(), "a bad encoder fails before the sweep"
 
 
+def test_internal_encoder_options_build_its_spec():
+    def encoder(*flags):
+        return cli._fit_config(build_parser().parse_args(["fit", "--behavior", "openness", "--output", "x", *flags])).encoder
+
+    assert encoder("--encoder", "internal") == {"type": "internal", "layer": 2}
+    assert encoder("--encoder", "internal", "--internal-layer", "0") == {"type": "internal", "layer": 0}
+    assert encoder("--encoder", "internal", "--internal-layers", "1", "2", "3", "--internal-pooling", "last") == {
+        "type": "internal", "layers": [1, 2, 3], "pooling": "last"}
+
+
 # ------------------------------------------------------------ user errors: one line, exit 2 (issue 23)
 
 FIT = ["--max-train", "8", "--max-eval", "6", "--layers", "1", "2", "--multipliers", "-1", "0", "1",

@@ -10,6 +10,7 @@ from transformers import BertConfig, BertModel
 from w2s_hf.defaults import packaged_encoder
 from w2s_hf.layers import find_decoder_layers
 from w2s_hf.router.encoders import (
+    EncoderSpec,
     HFEncoder,
     InternalEncoder,
     encoder_from_spec,
@@ -39,6 +40,49 @@ def test_internal_encoder_is_masked_mean_of_the_block_output_and_stops_early(fam
     torch.testing.assert_close(alone[0], embeddings[0], rtol=1e-4, atol=1e-5)  # padding does not change it
     torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(len(TEXTS)))
     assert encoder_from_spec(encoder.spec(), model, tokenizer).spec() == {"type": "internal", "layer": 1}
+
+
+def test_internal_encoder_reads_several_blocks_at_the_last_prompt_token(family):
+    model, tokenizer = make_model(family), make_tokenizer()
+    encoder = InternalEncoder(model, tokenizer, layer=[0, 2], pooling="last")
+    for padding_side in ("left", "right"):
+        tokenizer.padding_side = padding_side
+        batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+        calls = []
+        handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+                   for i, b in enumerate(find_decoder_layers(model))]
+        embeddings = encoder.encode_ids(batch["input_ids"], batch["attention_mask"])
+        for handle in handles:
+            handle.remove()
+        assert calls == [0, 1, 2], "blocks after the deepest read block must not run"
+        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        with torch.no_grad():
+            states = model(**batch, position_ids=position_ids, output_hidden_states=True).hidden_states
+        last = batch["attention_mask"].shape[1] - 1 - batch["attention_mask"].flip(-1).argmax(-1)
+        rows = torch.arange(len(TEXTS))
+        parts = [torch.nn.functional.normalize(states[layer + 1][rows, last], dim=-1) for layer in (0, 2)]
+        expected = torch.nn.functional.normalize(torch.cat(parts, -1), dim=-1)
+        torch.testing.assert_close(embeddings, expected, rtol=1e-4, atol=1e-5)
+        alone = encoder.encode_ids(tokenizer(TEXTS[2:], return_tensors="pt")["input_ids"])
+        torch.testing.assert_close(alone[0], embeddings[2], rtol=1e-4, atol=1e-5)  # padding does not change it
+    spec = {"type": "internal", "layers": [0, 2], "pooling": "last"}
+    assert encoder.spec() == spec and encoder_from_spec(spec, model, tokenizer).spec() == spec
+    assert EncoderSpec.from_dict(spec).read_layers == (0, 2)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"type": "internal", "layer": 1, "layers": [1, 2]}, "not both"),
+    ({"type": "internal"}, "not neither"),
+    ({"type": "internal", "layers": []}, "distinct layer indices"),
+    ({"type": "internal", "layers": [1, 1]}, "distinct layer indices"),
+    ({"type": "internal", "layers": ["1"]}, "distinct layer indices"),
+    ({"type": "internal", "layer": 1, "pooling": "cls"}, r"pools with one of \['mean', 'last'\], not 'cls'"),
+    ({"type": "hf-mean", "name_or_path": "x", "pooling": "last"}, "pools with one of"),
+    ({"type": "hf-mean", "name_or_path": "x", "layer": 2}, "Only the internal prompt encoder reads"),
+])
+def test_bad_encoder_specs_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        EncoderSpec.from_dict(spec)
 
 
 def test_hf_mean_encoder_equals_manual_mean_pooling(tmp_path):

@@ -10,14 +10,15 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from helpers import NUM_LAYERS, PROMPTS, count_forwards, encode, make_bundle, make_model, make_tokenizer
+from helpers import HIDDEN, NUM_LAYERS, PROMPTS, count_forwards, encode, make_bundle, make_model, make_tokenizer
 from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import pipeline
 
-from w2s_hf import BundleError, W2SSteeringModel
-from w2s_hf.bundle import CONFIG_NAME, WEIGHTS_NAME
+from w2s_hf import BundleConfig, BundleError, SteeringBundle, W2SSteeringModel
+from w2s_hf.bundle import CONFIG_NAME, PREDICTOR_PREFIX, WEIGHTS_NAME, describe_base_model, prefixed
 from w2s_hf.interventions import AdditiveIntervention
+from w2s_hf.router.predictor import LayerPredictor
 from w2s_hf.steering import SteeringEngine, SteeringRoute
 
 
@@ -283,6 +284,28 @@ def test_internal_encoder_routes_inside_the_prompt_pass_without_an_extra_forward
     w2s = W2SSteeringModel(model, make_bundle(model), tokenizer=tokenizer)  # internal layer 0, candidates 1..3
     batch = encode(tokenizer)
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, **extra)
+    layers = w2s.predict_layers(batch["input_ids"], batch["attention_mask"])  # the separate-pass router
+    calls, handle = count_forwards(model)
+    routed = w2s.generate(**batch, **kwargs)
+    handle.remove()
+    assert calls["n"] == 5, "one forward per generated token: routing must not add a pass"
+    route = SteeringRoute.from_layers(layers, 6.0, NUM_LAYERS, prompt_lengths=batch["attention_mask"].sum(-1))
+    with SteeringEngine(model).steer(AdditiveIntervention(w2s.bundle.steering_vectors), route, policy="all"):
+        oracle = model.generate(**batch, **kwargs)
+    assert torch.equal(routed, oracle)
+
+
+def test_a_router_on_several_blocks_last_token_routes_inside_the_prompt_pass():
+    model, tokenizer = make_model("qwen2"), make_tokenizer()
+    torch.manual_seed(0)
+    predictor = LayerPredictor(2 * HIDDEN, candidate_layers=[2, 3], hidden_dim=16, num_hidden_layers=1)
+    config = BundleConfig(base_model=describe_base_model(model), encoder={"type": "internal", "layers": [0, 1],
+                          "pooling": "last"}, predictor=predictor.config_dict(), fixed_layer=2, default_strength=6.0)
+    tensors = {"steering_vectors": 0.02 * torch.randn(NUM_LAYERS, HIDDEN), **prefixed(PREDICTOR_PREFIX, predictor.state_dict())}
+    bundle = SteeringBundle(config, tensors)
+    w2s = W2SSteeringModel(model, bundle, tokenizer=tokenizer)
+    batch = encode(tokenizer)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     layers = w2s.predict_layers(batch["input_ids"], batch["attention_mask"])  # the separate-pass router
     calls, handle = count_forwards(model)
     routed = w2s.generate(**batch, **kwargs)

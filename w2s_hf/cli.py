@@ -37,10 +37,16 @@ def _fit_fields() -> list:
     return list(fields(FitConfig))
 
 
+def _internal_spec(layers: list[int], pooling: str) -> dict:
+    """The internal encoder's spec from `--internal-layer` (one block or several) and `--internal-pooling`."""
+    read = {"layer": layers[0]} if len(layers) == 1 else {"layers": layers}
+    return {"type": "internal", **read} | ({} if pooling == "mean" else {"pooling": pooling})
+
+
 def _fit_config(args: argparse.Namespace, **overrides):
     from .training.fit import FitConfig
 
-    encoder = {"type": "internal", "layer": args.internal_layer} if args.encoder == "internal" else (
+    encoder = _internal_spec(args.internal_layer, args.internal_pooling) if args.encoder == "internal" else (
         {"type": "hf-mean", "name_or_path": args.encoder_model} if args.encoder == "hf-mean" else
         {"type": "sentence-transformers", "name_or_path": args.encoder_model})
     values = {f.name: getattr(args, f.name) for f in _fit_fields() if hasattr(args, f.name)}
@@ -77,8 +83,12 @@ def _add_fit_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), *
                         help="prompt encoder the router reads")
     parser.add_argument("--encoder-model", default=DEFAULT_ENCODER,
                         help="model of the sentence-transformers or hf-mean encoder (not used by --encoder internal)")
-    parser.add_argument("--internal-layer", type=int, default=2,
-                        help="block whose mean-pooled output the internal encoder reads (only with --encoder internal)")
+    parser.add_argument("--internal-layer", "--internal-layers", type=int, nargs="+", default=[2],
+                        help="block (or blocks, each pooled and normalised, then concatenated) whose output the "
+                             "internal encoder reads (only with --encoder internal)")
+    parser.add_argument("--internal-pooling", choices=["mean", "last"], default="mean",
+                        help="the internal encoder pools the prompt's token states by their mean or takes the last "
+                             "prompt token's (only with --encoder internal)")
     _add_model_args(parser)
 
 

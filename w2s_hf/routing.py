@@ -338,10 +338,10 @@ class Router:
         steerable = self.predictor.candidate_layers.tolist() if known is None else [i for i in known.tolist() if i >= 0]
         if not steerable:
             return SteeringRoute.from_layers(known, strength, self.num_layers, prompt_lengths), None
-        reads = ([] if encoder is None else [encoder.layer]) + ([] if self.l2s is None else [self.l2s.context_layer])
+        reads = ([] if encoder is None else list(encoder.layers)) + ([] if self.l2s is None else [self.l2s.context_layer])
 
         def decide(outputs: dict[int, torch.Tensor], mask: torch.Tensor | None) -> RouterDecision:
-            chosen = known if encoder is None else self.predict_from_embeddings(encoder.pool(outputs[encoder.layer], mask))
+            chosen = known if encoder is None else self.predict_from_embeddings(encoder.pool(outputs, mask))
             if self.l2s is None:
                 return chosen
             return chosen, self.l2s.vectors(last_token_states(outputs[self.l2s.context_layer], mask), chosen)
@@ -357,7 +357,9 @@ class Router:
     def _own_internal_encoder(self) -> InternalEncoder | None:
         """The router's encoder when it is this model's own block (readable inside the steered pass), else `None`."""
         encoder = self.encoder
-        if isinstance(encoder, InternalEncoder) and encoder.block is self.engine.layers[encoder.layer]:
+        if isinstance(encoder, InternalEncoder) and all(
+            block is self.engine.layers[layer] for block, layer in zip(encoder.blocks, encoder.layers)
+        ):
             return encoder
         return None
 

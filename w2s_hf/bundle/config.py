@@ -203,12 +203,11 @@ class BundleConfig:
         self._validate_l2s()
         if self.predictor is not None and self.encoder is None:
             raise BundleError("Bundle has a layer predictor but no encoder spec to route with; re-train or re-save it.")
-        if self.encoder is not None and self.encoder.type == "internal":
-            layer = self.encoder.layer
+        for layer in () if self.encoder is None else self.encoder.read_layers:
             if not _is_int(layer) or not 0 <= layer < self.num_layers:
                 raise BundleError(
-                    f"The internal prompt encoder reads layer {layer!r}, out of range for {self.num_layers} layers; "
-                    f"the bundle is for another model or corrupt, fix encoder.layer in {CONFIG_NAME} or re-train it."
+                    f"The internal prompt encoder reads layer {layer!r}, out of range for {self.num_layers} layers; the "
+                    f"bundle is for another model or corrupt, fix encoder.layer(s) in {CONFIG_NAME} or re-train it."
                 )
 
     def _validate_l2s(self) -> None:

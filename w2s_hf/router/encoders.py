@@ -7,7 +7,9 @@ Three kinds, each described by a small JSON-able *spec* stored in the bundle:
 * ``{"type": "hf-mean", "name_or_path": ...}``: any HF encoder (`AutoModel`) with mean pooling
   over real tokens.
 * ``{"type": "internal", "layer": k}``: the base model's own block-`k` output, mean-pooled over the
-  prompt, so routing needs no second model (the forward stops after block `k`).
+  prompt, so routing needs no second model (the forward stops after block `k`). Several early blocks
+  (``"layers": [1, 2, 3]``, each pooled and normalised, then concatenated) and the last prompt token instead
+  of the mean (``"pooling": "last"``) are options; both are read inside `generate`'s own prompt pass.
 
 All embeddings are L2-normalised, as in the W2S paper.
 """
@@ -28,8 +30,11 @@ from torch import nn
 from ..defaults import DEFAULT_ENCODER, resolve_encoder_path
 from ..layers import block_output, find_decoder_layers
 from ..recording import record_block_outputs, run_until_stopped
+from .l2s import last_token_states
 
 ENCODER_TYPES = ("sentence-transformers", "hf-mean", "internal")
+POOLINGS = {"sentence-transformers": ("mean", "cls"), "hf-mean": ("mean", "cls"), "internal": ("mean", "last")}
+"""How each encoder type may pool its token states: mean over real tokens, the first (CLS) or the last real token."""
 
 
 @dataclass(frozen=True)
@@ -39,15 +44,19 @@ class EncoderSpec:
     Args:
         type (`str`): one of :data:`ENCODER_TYPES`.
         name_or_path (`str`, *optional*): the encoder model (`sentence-transformers`, `hf-mean`).
-        pooling (`str`, *optional*): `"mean"` or `"cls"` (`sentence-transformers`, `hf-mean`).
+        pooling (`str`, *optional*): `"mean"` or `"cls"` (`sentence-transformers`, `hf-mean`); `"mean"` (the
+            default) or `"last"` (the last prompt token) for `internal`.
         revision (`str`, *optional*): Hub revision of the encoder model.
         layer (`int`, *optional*): the base model's block read by the `internal` encoder.
+        layers (`list[int]`, *optional*): several blocks read by the `internal` encoder instead of one `layer`.
 
     Example:
 
     ```python
     >>> EncoderSpec.from_dict({"type": "internal", "layer": 2}).to_dict()
     {'type': 'internal', 'layer': 2}
+    >>> EncoderSpec.from_dict({"type": "internal", "layers": [1, 2], "pooling": "last"}).read_layers
+    (1, 2)
     ```
     """
 
@@ -56,15 +65,37 @@ class EncoderSpec:
     pooling: str | None = None
     revision: str | None = None
     layer: int | None = None
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.type not in ENCODER_TYPES:
             raise ValueError(f"Unknown encoder type {self.type!r}; this w2s-hf knows the types {list(ENCODER_TYPES)} "
                              "(upgrade w2s-hf if the bundle is newer).")
-        if self.type == "internal" and self.layer is None:
-            raise ValueError("The internal prompt encoder needs the `layer` it reads.")
-        if self.type != "internal" and not self.name_or_path:
-            raise ValueError(f"The {self.type!r} prompt encoder needs `name_or_path`.")
+        if self.pooling is not None and self.pooling not in POOLINGS[self.type]:
+            raise ValueError(f"The {self.type!r} prompt encoder pools with one of {list(POOLINGS[self.type])}, "
+                             f"not {self.pooling!r}.")
+        if self.type != "internal":
+            if not self.name_or_path:
+                raise ValueError(f"The {self.type!r} prompt encoder needs `name_or_path`.")
+            if self.layer is not None or self.layers is not None:
+                raise ValueError(f"Only the internal prompt encoder reads `layer`/`layers`, not {self.type!r}.")
+            return
+        if (self.layer is None) == (self.layers is None):
+            raise ValueError("The internal prompt encoder needs either the `layer` it reads or a list of `layers`, "
+                             f"not {'both' if self.layer is not None else 'neither'}.")
+        if self.layers is not None:
+            layers = self.layers
+            if (isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers
+                    or any(isinstance(i, bool) or not isinstance(i, int) for i in layers) or len(set(layers)) != len(layers)):
+                raise ValueError(f"The internal prompt encoder's `layers` must be distinct layer indices, got {layers!r}.")
+            object.__setattr__(self, "layers", tuple(layers))
+
+    @property
+    def read_layers(self) -> tuple[int, ...]:
+        """The base-model blocks an `internal` encoder reads (empty for the other types)."""
+        if self.type != "internal":
+            return ()
+        return (self.layer,) if self.layers is None else self.layers
 
     @classmethod
     def from_dict(cls, data: Mapping | EncoderSpec) -> EncoderSpec:
@@ -79,7 +110,10 @@ class EncoderSpec:
 
     def to_dict(self) -> dict:
         """The JSON form, without unset fields."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        if "layers" in data:
+            data["layers"] = list(data["layers"])
+        return data
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -249,15 +283,18 @@ def early_block_outputs(
 
 
 class InternalEncoder(PromptEncoder):
-    """The base model's own block output at an early layer, mean-pooled over real prompt tokens.
+    """The base model's own block outputs at early layers, pooled over the real prompt tokens.
 
-    Only blocks `0..layer` run (the forward is stopped right after block `layer`), so routing costs a
-    fraction of one forward pass and needs no second model.
+    Only blocks up to the deepest one read run (the forward is stopped right after it), so routing costs a
+    fraction of one forward pass and needs no second model. With several blocks, each one's pooled state is
+    L2-normalised and the concatenation is normalised again, so every block weighs the same.
 
     Args:
         model (`nn.Module`): the base causal LM (or PEFT model).
         tokenizer: its tokenizer (used by :meth:`encode_texts`).
-        layer (`int`): block whose output is pooled.
+        layer (`int` or `Sequence[int]`): the block (or blocks) whose output is pooled.
+        pooling (`str`, *optional*, defaults to `"mean"`): `"mean"` over the real tokens, or `"last"`: the last real
+            prompt token.
 
     Example:
 
@@ -265,35 +302,51 @@ class InternalEncoder(PromptEncoder):
     >>> encoder = InternalEncoder(model, tokenizer, layer=2)
     >>> encoder.encode_ids(batch["input_ids"], batch["attention_mask"]).shape
     torch.Size([4, 576])
+    >>> InternalEncoder(model, tokenizer, layer=[1, 2, 3], pooling="last").spec()
+    {'type': 'internal', 'layers': [1, 2, 3], 'pooling': 'last'}
     ```
     """
 
     uses_base_model = True
 
-    def __init__(self, model: nn.Module, tokenizer, layer: int = 1, layers_path: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, layer: int | Sequence[int] = 1, layers_path: str | None = None,
+        pooling: str = "mean",
+    ) -> None:
         blocks = find_decoder_layers(model, layers_path)
-        if not 0 <= layer < len(blocks):
-            raise ValueError(f"Internal encoder layer {layer} is out of range for {len(blocks)} layers.")
+        several = isinstance(layer, Sequence)
+        spec = EncoderSpec("internal", layers=tuple(layer), pooling=pooling) if several else EncoderSpec(
+            "internal", layer=layer, pooling=pooling)
+        out_of_range = [i for i in spec.read_layers if not 0 <= i < len(blocks)]
+        if out_of_range:
+            raise ValueError(f"Internal encoder layer {out_of_range[0]} is out of range for {len(blocks)} layers.")
         self.model = model
         self.tokenizer = tokenizer
-        self.layer = layer
+        self.layers = spec.read_layers
+        self.pooling = pooling
+        self._several = several
         self._blocks = blocks
-        self.block = blocks[layer]
+        self.blocks = tuple(blocks[i] for i in self.layers)
 
     @torch.inference_mode()
     def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Embeds already tokenized prompts."""
-        hidden = early_block_outputs(self.model, self._blocks, [self.layer], input_ids, attention_mask)[self.layer]
-        return self.pool(hidden, attention_mask).cpu()
+        outputs = early_block_outputs(self.model, self._blocks, self.layers, input_ids, attention_mask)
+        return self.pool(outputs, attention_mask).cpu()
 
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The embeddings of prompts from block `layer`'s output `[B, T, H]`: mean over real tokens, L2-normalised.
+    def pool(self, outputs: Mapping[int, torch.Tensor], attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The embeddings of prompts from the read blocks' outputs `{layer: [B, T, H]}`, L2-normalised.
 
         Also used inside `generate`'s own prompt pass (`W2SSteeringModel` routes there with no extra forward).
         """
-        if attention_mask is None:
-            attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
-        return F.normalize(masked_mean(hidden.float(), attention_mask.to(hidden.device)), dim=-1)
+        parts = []
+        for layer in self.layers:
+            hidden = outputs[layer].float()
+            mask = (torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None
+                    else attention_mask.to(hidden.device))
+            pooled = masked_mean(hidden, mask) if self.pooling == "mean" else last_token_states(hidden, mask)
+            parts.append(F.normalize(pooled, dim=-1))
+        return F.normalize(torch.cat(parts, -1), dim=-1) if len(parts) > 1 else parts[0]
 
     def encode_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         if not texts:
@@ -306,7 +359,8 @@ class InternalEncoder(PromptEncoder):
         return torch.cat(chunks)
 
     def spec(self) -> dict:
-        return {"type": "internal", "layer": self.layer}
+        read = {"layers": list(self.layers)} if self._several else {"layer": self.layers[0]}
+        return {"type": "internal", **read} | ({} if self.pooling == "mean" else {"pooling": self.pooling})
 
 
 def encoder_from_spec(spec: Mapping | EncoderSpec, model: nn.Module | None = None, tokenizer=None) -> PromptEncoder:
@@ -329,4 +383,5 @@ def encoder_from_spec(spec: Mapping | EncoderSpec, model: nn.Module | None = Non
         return HFEncoder(spec.name_or_path, spec.pooling or "mean", revision=spec.revision)
     if model is None or tokenizer is None:
         raise ValueError("The internal encoder needs the base model and its tokenizer.")
-    return InternalEncoder(model, tokenizer, int(spec.layer))
+    return InternalEncoder(model, tokenizer, list(spec.layers) if spec.layers is not None else int(spec.layer),
+                           pooling=spec.pooling or "mean")
