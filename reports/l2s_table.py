@@ -2,7 +2,8 @@
 
 For every behavior of a finished `w2s-hf eval` (default `reports/mwe-smollm2`) whose protocol has a
 positive and a negative answer per item (`answer`: the five advanced-AI-risk behaviors; `ab` too),
-reusing its fit config, splits and bundle (CAA vectors, fixed layer, W2S router):
+reusing its fit config, splits and bundle (CAA vectors, fixed layer, W2S router); steps 1-4 are the
+library's one call `w2s_hf.training.l2s_bundle.fit_l2s_bundle`:
 
 1. L2S oracle vectors and context representations of the train and validation splits;
 2. the L2S fixed layer: best mean train steerability when each input is steered with its own oracle
@@ -39,35 +40,23 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from w2s_hf.bundle import BundleConfig, SteeringBundle
+from w2s_hf.bundle import SteeringBundle
 from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
-from w2s_hf.router.encoders import encoder_from_spec
 from w2s_hf.router.l2s import L2SNetworks
 from w2s_hf.router.predictor import LayerPredictor
 from w2s_hf.steering import SteeringEngine
-from w2s_hf.training.data import PROMPT_VARIANTS, behavior_info, load_behavior, split_dataset
-from w2s_hf.training.fit import FitConfig, build_items, embed_items
-from w2s_hf.training.fit_l2s import (
-    DEFAULT_LRS,
-    context_representations,
-    evaluate_l2s,
-    fit_l2s,
-    l2s_bundle,
-    oracle_fixed_layer,
-    oracle_vectors,
-)
+from w2s_hf.training.data import PROMPT_VARIANTS
+from w2s_hf.training.fit import embed_items
+from w2s_hf.training.fit_l2s import DEFAULT_LRS, context_representations, evaluate_l2s, oracle_vectors
+from w2s_hf.training.l2s_bundle import PAIRED_PROTOCOLS, CAAFit, fit_l2s_bundle
 from w2s_hf.training.metrics import summarize
-from w2s_hf.training.router_fit import RouterFit, fit_router
 from w2s_hf.training.scoring import steerability_at
-
-PAIRED_PROTOCOLS = ("answer", "ab")
 METHODS = {"caa_fixed": "CAA w/ fixed layer", "caa_w2s": "CAA w/ W2S", "l2s_fixed": "L2S w/ fixed layer",
            "l2s_w2s": "L2S w/ W2S", "l2s_at_caa_router": "L2S at the CAA router's layers (reference)",
            "oracle_fixed": "oracle vectors w/ L2S fixed layer (reference)"}
@@ -84,86 +73,14 @@ def routed_layers(bundle: SteeringBundle, n_items: int, embeddings: Callable[[],
     return predictor.predict_layers(embeddings()).tolist()
 
 
-def with_router(bundle: SteeringBundle, router: RouterFit, encoder) -> SteeringBundle:
-    """`bundle` routed by `router` instead of its own (no router when the fixed layer won)."""
-    data = bundle.config.to_dict()
-    data.pop("bundle_id")
-    tensors = {name: value for name, value in bundle.tensors.items() if not name.startswith("predictor.")}
-    predictor = router.predictor
-    data.update(encoder=None if predictor is None else encoder.spec(),
-                predictor=None if predictor is None else predictor.config_dict())
-    if predictor is not None:
-        tensors.update({f"predictor.{name}": value for name, value in predictor.state_dict().items()})
-    data["training"] = {**{k: v for k, v in data["training"].items() if k != "predicted_layer_counts"},
-                        "router": "w2s" if predictor is not None else "fixed", "smoothing_k": router.chosen_k}
-    return SteeringBundle(BundleConfig(**data), tensors)
-
-
-class Behavior:
-    """One evaluated behavior: the eval's fit config, splits and bundle, read once."""
-
-    def __init__(self, folder: Path, model, tokenizer) -> None:
-        self.report = json.loads((folder / "report.json").read_text())
-        self.protocol = self.report["protocol"]
-        known = {f.name for f in fields(FitConfig)}
-        self.fit = FitConfig(**{k: v for k, v in self.report["fit"].items() if k in known})
-        self.info = behavior_info(self.fit.behavior, self.fit.data_dir)
-        self.splits = split_dataset(load_behavior(self.fit.behavior, self.fit.data_dir), seed=self.fit.seed)
-        self.bundle = SteeringBundle.load(folder)
-        self.tokenizer = tokenizer
-        self.encoder = encoder_from_spec(self.fit.encoder, model, tokenizer)  # the eval's router encoder
-
-    def items(self, split: str, variant: str = "BASE", limit: int | None = None):
-        return build_items(self.splits[split], self.protocol, self.tokenizer, self.info, variant, limit=limit)
-
-
-def fit_behavior(model, behavior: Behavior, output: Path, engine: SteeringEngine, args) -> tuple[dict, SteeringBundle]:
-    """Steps 1-4: oracle vectors, the L2S fixed layer and router, the context layer and the networks; the L2S
-    bundle (networks, L2S fixed layer and router) is saved as `output/bundle`."""
-    fit, pad_id = behavior.fit, behavior.tokenizer.pad_token_id
-    train, val = behavior.items("train", limit=fit.max_train), behavior.items("val", limit=args.max_val)
-    caa_fixed = int(behavior.bundle.config.fixed_layer)
-    started = time.time()
-    o_train, o_val = oracle_vectors(model, train, pad_id), oracle_vectors(model, val, pad_id)
-    c_train, c_val = context_representations(model, train, pad_id), context_representations(model, val, pad_id)
-    l2s_fixed, sweep = oracle_fixed_layer(model, train, o_train, pad_id, layers=fit.layers, multipliers=fit.multipliers,
-                                          batch_size=fit.batch_size, cache_dir=output / "cache" / "oracle-train",
-                                          cache_key={"behavior": fit.behavior, "seed": fit.seed}, engine=engine,
-                                          progress=args.progress)
-    router = fit_router(embed_items(behavior.encoder, behavior.tokenizer, train), sweep["steerability"], sweep["layers"],
-                        engine.num_layers, fit, progress=False)
-    caa_routable = ([caa_fixed] if behavior.bundle.config.predictor is None
-                    else behavior.bundle.tensors["predictor.candidate_layers"].tolist())
-    own_routable = [] if router.predictor is None else router.predictor.candidate_layers.tolist()
-    networks, fit_report = fit_l2s(c_train, o_train, c_val, o_val, fixed_layer=l2s_fixed,
-                                   steering_layers=sorted(set(caa_routable) | set(own_routable)),
-                                   context_layers=args.context_layers, lrs=args.lrs, seed=fit.seed,
-                                   progress=args.progress)
-    bundle = l2s_bundle(with_router(behavior.bundle, router, behavior.encoder), networks, fixed_layer=l2s_fixed,
-                        training=fit_report)
-    bundle.save(output / "bundle")
-    result = {
-        "protocol": behavior.protocol, "n_train": len(train), "n_val": len(val), "caa_fixed_layer": caa_fixed,
-        "l2s_fixed_layer": l2s_fixed, "context_layer": networks.context_layer,
-        "router": "w2s" if behavior.bundle.config.predictor is not None else "fixed (the eval's CV chose no router)",
-        "l2s_router": (f"w2s (k={router.chosen_k}, layers {own_routable})" if router.predictor is not None
-                       else "fixed (CV chose no router)"),
-        "l2s_router_cv": {str(k): v for k, v in router.cv.items()},
-        "oracle_train_steerability_per_layer": dict(zip(sweep["layers"], sweep["steerability"].mean(0).tolist())),
-        "l2s_fit": fit_report, "fit_seconds": time.time() - started, "device": str(next(model.parameters()).device),
-        "test": {},
-    }
-    return result, bundle
-
-
 def histogram(layers: list[int]) -> dict[int, int]:
     return {int(k): int(v) for k, v in zip(*np.unique(layers, return_counts=True))}
 
 
-def score_variant(model, behavior: Behavior, l2s: SteeringBundle, result: dict, variant: str,
+def score_variant(model, behavior: CAAFit, l2s: SteeringBundle, result: dict, variant: str,
                   engine: SteeringEngine) -> dict:
     """Step 5 on one prompt variant of the test split: every method, scored the same way."""
-    fit, pad_id, tokenizer = behavior.fit, behavior.tokenizer.pad_token_id, behavior.tokenizer
+    fit, pad_id, tokenizer = behavior.config, behavior.tokenizer.pad_token_id, behavior.tokenizer
     items = behavior.items("test", variant, limit=fit.max_eval)
     networks = L2SNetworks.from_config_dict(l2s.config.l2s, l2s.l2s_state_dict()).eval()
     caa, caa_fixed = behavior.bundle.steering_vectors, result["caa_fixed_layer"]
@@ -195,15 +112,17 @@ def score_variant(model, behavior: Behavior, l2s: SteeringBundle, result: dict, 
 
 
 def run_behavior(model, tokenizer, folder: Path, output: Path, args, result: dict | None = None) -> dict:
-    """Fits a behavior (unless `result` holds a finished fit, whose bundle is read back from `output/bundle`)
-    and scores the requested variants it does not have yet."""
-    behavior = Behavior(folder, model, tokenizer)
+    """Fits a behavior with `fit_l2s_bundle` (unless `result` holds a finished fit, whose bundle is read back from
+    `output/bundle`) and scores the requested variants it does not have yet."""
+    behavior = CAAFit(folder, model, tokenizer)
     if behavior.protocol not in PAIRED_PROTOCOLS:
         return {"skipped": f"protocol `{behavior.protocol}` has no positive/negative answer pair per item: no oracle "
                            "vectors, no L2S"}
     engine = SteeringEngine(model)
     if result is None:
-        result, bundle = fit_behavior(model, behavior, output, engine, args)
+        bundle, result = fit_l2s_bundle(model, tokenizer, folder, output / "bundle", context_layers=args.context_layers,
+                                        lrs=args.lrs, max_val=args.max_val, engine=engine, progress=args.progress)
+        result["test"] = {}
     else:
         bundle = SteeringBundle.load(output / "bundle")
     for variant in args.variants:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import NUM_LAYERS, make_model, make_tokenizer
 
-from w2s_hf import BundleError, cli
+from w2s_hf import BundleError, W2SSteeringModel, cli
 from w2s_hf.cli import build_parser, main
 
 
@@ -111,6 +111,23 @@ def test_an_unloadable_base_model_is_a_clean_error(tiny_folder, tmp_path, capsys
                  "--internal-layer", str(NUM_LAYERS), "--output", str(tmp_path / "y")]) == 2
     assert f"Internal encoder layer {NUM_LAYERS} is out of range" in capsys.readouterr().err
     assert not (tmp_path / "y" / "cache").exists(), "a bad encoder fails before the sweep"
+
+
+def test_fit_l2s_turns_a_finished_fit_into_an_l2s_bundle(tiny_folder, tmp_path, capsys):
+    fit, l2s = tmp_path / "fit", tmp_path / "l2s"
+    assert main(["fit", "--model", str(tiny_folder), "--behavior", "corrigible", "--max-train", "10", "--layers", "1",
+                 "2", "--multipliers", "-1", "0", "1", "--encoder", "internal", "--internal-layer", "0", "--no-eval",
+                 "-q", "--output", str(fit)]) == 0
+    assert main(["fit-l2s", str(fit), "--output", str(l2s), "--context-layers", "0", "--max-val", "4", "-q"]) == 0
+    assert "L2S bundle saved to" in capsys.readouterr().out
+    model = W2SSteeringModel.from_pretrained(l2s)
+    assert model.bundle.config.method == "l2s" and model.bundle.config.l2s.context_layer == 0
+    statement = tmp_path / "statement"
+    assert main(["fit", "--model", str(tiny_folder), "--behavior", "openness", "--protocol", "statement", "--max-train",
+                 "6", "--layers", "1", "--multipliers", "-1", "0", "1", "--no-eval", "-q", "--output", str(statement)]) == 0
+    capsys.readouterr()
+    assert main(["fit-l2s", str(statement), "--output", str(tmp_path / "x")]) == 2
+    assert "`statement` protocol" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_internal_encoder_options_build_its_spec():

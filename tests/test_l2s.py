@@ -314,3 +314,64 @@ def test_l2s_inputs_out_of_range_are_named_before_any_training():
         fit_l2s(contexts, oracle, contexts, oracle, fixed_layer=1, context_layers=[0, -1])
     with pytest.raises(ValueError, match="No items to read oracle vectors from"):
         oracle_vectors(make_model("llama"), [], 0)
+
+
+# ------------------------------------------------------------ one call from a CAA fit to an L2S bundle
+
+FIT_SETTINGS = dict(max_train=12, max_eval=6, layers=[1, 2, 3], multipliers=(-1.0, 0.0, 1.0), smoothing_k=(1,),
+                    encoder={"type": "internal", "layer": 0},
+                    cv_grid={"lr": [1e-2], "hidden_dim": [16], "num_hidden_layers": [1], "weight_decay": [0.0]})
+
+
+def test_fit_l2s_bundle_is_the_paper_steps_in_one_call_and_loads_for_generate(tmp_path):
+    from w2s_hf.training.fit import FitConfig, embed_items, fit_bundle
+    from w2s_hf.training.l2s_bundle import CAAFit, fit_l2s_bundle
+    from w2s_hf.training.router_fit import fit_router
+
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    config = FitConfig("corrigible", **FIT_SETTINGS)
+    fit_bundle(model, tokenizer, config, tmp_path / "fit", evaluate=False, progress=False)
+    bundle, report = fit_l2s_bundle(model, tokenizer, tmp_path / "fit", tmp_path / "l2s", context_layers=[0, 1],
+                                    lrs=(1e-3, 1e-2), max_val=6, progress=False)
+
+    fit = CAAFit(tmp_path / "fit", model, tokenizer)  # the same steps, by hand
+    train, val = fit.items("train", limit=12), fit.items("val", limit=6)
+    pad = tokenizer.pad_token_id
+    o_train, o_val = oracle_vectors(model, train, pad), oracle_vectors(model, val, pad)
+    fixed, sweep = oracle_fixed_layer(model, train, o_train, pad, layers=[1, 2, 3], multipliers=(-1.0, 0.0, 1.0))
+    router = fit_router(embed_items(fit.encoder, tokenizer, train), sweep["steerability"], sweep["layers"], NUM_LAYERS,
+                        config, progress=False)
+    routable = {int(fit.bundle.config.fixed_layer)} if fit.bundle.config.predictor is None else set(
+        fit.bundle.tensors["predictor.candidate_layers"].tolist())
+    routable |= set() if router.predictor is None else set(router.predictor.candidate_layers.tolist())
+    networks, _ = fit_l2s(context_representations(model, train, pad), o_train, context_representations(model, val, pad),
+                          o_val, fixed_layer=fixed, steering_layers=sorted(routable), context_layers=[0, 1],
+                          lrs=(1e-3, 1e-2), seed=0)
+
+    assert report["l2s_fixed_layer"] == fixed == bundle.config.fixed_layer
+    assert report["context_layer"] == networks.context_layer and report["n_train"] == 12 and report["n_val"] == 6
+    expected = networks.tensors()
+    assert set(bundle.l2s_state_dict()) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(bundle.l2s_state_dict()[name], tensor), name
+    assert (bundle.config.predictor is None) == (router.predictor is None)
+
+    w2s = W2SSteeringModel.from_pretrained(tmp_path / "l2s", base_model=model, tokenizer=tokenizer)
+    assert w2s.bundle.config.method == "l2s" and w2s.bundle.config.fixed_layer == fixed
+    batch = encode(tokenizer)
+    out = w2s.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (len(PROMPTS), batch["input_ids"].shape[1] + 3)
+
+
+def test_fit_l2s_bundle_names_a_folder_without_answer_pairs(tmp_path):
+    from w2s_hf.training.fit import FitConfig, fit_bundle
+    from w2s_hf.training.l2s_bundle import fit_l2s_bundle
+
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    with pytest.raises(FileNotFoundError, match="has no report.json: give the output folder of a finished"):
+        fit_l2s_bundle(model, tokenizer, tmp_path, progress=False)
+    fit_bundle(model, tokenizer, FitConfig("openness", protocol="statement", **FIT_SETTINGS), tmp_path / "fit",
+               evaluate=False, progress=False)
+    with pytest.raises(ValueError, match="`statement` protocol.*fit it again with `--protocol answer`"):
+        fit_l2s_bundle(model, tokenizer, tmp_path / "fit", tmp_path / "l2s", progress=False)
+    assert not (tmp_path / "l2s").exists()

@@ -118,6 +118,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_l2s(args: argparse.Namespace) -> int:
+    from .modeling import W2SSteeringModel
+    from .training.fit import check_output_folder
+    from .training.l2s_bundle import fit_l2s_bundle, read_fit_report
+
+    read_fit_report(args.fit, paired=True)  # a wrong folder fails before the model loads
+    check_output_folder(args.output)
+    start = time.time()
+    caa = W2SSteeringModel.from_pretrained(args.fit)
+    _, report = fit_l2s_bundle(caa.base_model, caa.tokenizer, args.fit, args.output, context_layers=args.context_layers,
+                               max_val=args.max_val, progress=not args.quiet)
+    print(f"L2S fixed layer {report['l2s_fixed_layer']} (CAA: {report['caa_fixed_layer']}), context layer "
+          f"{report['context_layer']}, router: {report['l2s_router']}.")
+    print(f"\nL2S bundle saved to {args.output} in {time.time() - start:.0f} s.")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import platform
     import shlex
@@ -329,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--output", required=True, help="bundle folder (also the sweep cache and report.json)")
     fit.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation")
     fit.set_defaults(func=cmd_fit)
+
+    fit_l2s = sub.add_parser("fit-l2s", formatter_class=formatter, parents=[common],
+                             help="fit an L2S bundle (input-dependent vectors) from a finished `fit` with the answer "
+                                  "or ab protocol")
+    fit_l2s.add_argument("fit", help="output folder of the finished `w2s-hf fit`")
+    fit_l2s.add_argument("--output", required=True, help="folder of the L2S bundle (also its oracle-sweep cache)")
+    fit_l2s.add_argument("--context-layers", type=int, nargs="+", default=None,
+                         help="candidate context layers (default: every tenth of the depth up to the middle)")
+    fit_l2s.add_argument("--max-val", type=int, default=None, help="at most this many validation examples (default: all)")
+    fit_l2s.set_defaults(func=cmd_fit_l2s)
 
     evaluate = sub.add_parser("eval", formatter_class=formatter, parents=[common],
                               help="fit and evaluate several behaviors; write a markdown/JSON/plot report")
