@@ -363,3 +363,25 @@ def test_a_lock_path_that_is_not_a_lock_file_is_a_clear_error(tmp_path, kind):
     with pytest.raises(BundleError, match=r"Cannot take the save lock .*remove what is there and save again"):
         router_bundle(model).save(folder)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_crash_while_writing_an_eval_report_keeps_the_old_one_whole(tmp_path, monkeypatch):
+    from w2s_hf.training.fit import FitConfig, fit_bundle
+    from w2s_hf.training.report import write_report
+
+    config = FitConfig("openness", max_train=8, max_eval=6, layers=[1, 2], multipliers=(-1.0, 0.0, 1.0),
+                       smoothing_k=(1,), encoder={"type": "internal", "layer": 0})
+    _, fit = fit_bundle(make_model("llama"), make_tokenizer(), config, tmp_path / "fit", progress=False)
+    write_report({"openness": fit}, tmp_path / "eval", model="tiny", commands=["first run"])
+    before = {name: (tmp_path / "eval" / name).read_bytes() for name in ("report.json", "report.md")}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files_module.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_report({"openness": fit}, tmp_path / "eval", model="tiny", commands=["first run", "second run"])
+    assert {name: (tmp_path / "eval" / name).read_bytes() for name in before} == before
+    assert json.loads(before["report.json"])["commands"] == ["first run"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == sorted(["report.json", "report.md", *(
+        p.name for p in (tmp_path / "eval").glob("*.png"))])  # no temp file left behind

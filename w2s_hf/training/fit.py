@@ -22,6 +22,7 @@ from datasets import Dataset
 from torch import nn
 
 from ..bundle import PREDICTOR_PREFIX, BundleConfig, SteeringBundle, describe_base_model, prefixed
+from ..bundle.files import write_atomic
 from ..bundle.hub import save_bundle_folder
 from ..layers import check_layer_ids, unsteered
 from ..router.encoders import ENCODER_TYPES, PromptEncoder, encoder_from_spec
@@ -374,5 +375,5 @@ def fit_bundle(
             }
     bundle = SteeringBundle(bundle_config, tensors)
     save_bundle_folder(bundle, output)
-    (output / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(output / "report.json", json.dumps(report, indent=2).encode())
     return bundle, report

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle.files import write_atomic
 from .protocols import ROUTER_INPUTS
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,8 @@ def write_report(
         "mean_prompt_plus_scored": _mean_over([e for e in entries if e["router_input"] != "prompt"]),
         "mean_ood": {v: _mean_over([e["ood"][v] for e in entries if v in e.get("ood", {})]) for v in variants},
     }
-    (output / "report.json").write_text(json.dumps(data, indent=2))
-    (output / "report.md").write_text(_markdown(data, variants))
+    write_atomic(output / "report.json", json.dumps(data, indent=2).encode())  # a crash keeps the old run history
+    write_atomic(output / "report.md", _markdown(data, variants).encode())
     _plot(fit_reports, output)
     return output / "report.json"
 
