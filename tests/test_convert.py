@@ -207,3 +207,29 @@ def test_a_bad_json_file_in_the_output_folder_is_named_and_left_alone(name, cont
     err = _one_line_error(*_convert(capsys, raw, output))
     assert str(output / name) in err
     assert sorted(p.name for p in output.iterdir()) == [name] and (output / name).read_text() == content
+
+
+def test_converted_behaviors_run_through_eval_with_the_same_commands_and_defaults(tmp_path, capsys):
+    from conftest import make_model
+
+    from w2s_hf.cli import main
+
+    model = tmp_path / "tiny"
+    make_model("llama", seed=1).save_pretrained(model)
+    make_tokenizer().save_pretrained(model)
+    data = tmp_path / "data"
+    for behavior in ("openness", "myopic"):
+        kind, name = FIXTURES[behavior]
+        assert main(["data", "convert", str(RAW / name), "--behavior", f"my-{behavior}", "--kind", kind,
+                     "--output", str(data)]) == 0
+    output = tmp_path / "eval"
+    assert main(["eval", "--model", str(model), "--data-dir", str(data), "--behaviors", "all", "--max-train", "12",
+                 "--max-eval", "8", "--layers", "1", "2", "3", "--encoder", "internal", "--internal-layer", "0", "-q",
+                 "--output", str(output)]) == 0
+    report = json.loads((output / "report.json").read_text())
+    assert set(report["behaviors"]) == {"my-openness", "my-myopic"}
+    sizes = {"my-openness": (3, 4), "my-myopic": (12, 8)}  # openness's 8 raw lines split 40/10/50: 3 train, 4 test
+    for name, entry in report["behaviors"].items():
+        assert entry["protocol"] == "answer" and entry["router_input"] == "prompt"
+        assert (entry["n_train"], entry["n_test"]) == sizes[name] and entry["layers_swept"] == [1, 2, 3]
+    assert "| my-myopic | answer |" in (output / "report.md").read_text()

@@ -57,6 +57,15 @@ def test_the_regression_router_learns_every_layers_steerability_and_the_choice_f
         FitConfig("toy", router="oracle")
 
 
+def test_a_handful_of_train_examples_cross_validates_leave_one_out_and_one_ships_the_fixed_layer():
+    embeddings, steerability = _two_groups(4)
+    config = FitConfig("toy", smoothing_k=(1,), cv_grid=GRID, router="best")
+    router = fit_router(embeddings, steerability, LAYERS, 12, config, progress=False)
+    assert router.cv[1]["n_folds"] == 4 and router.regression_cv["n_folds"] == 4
+    alone = fit_router(embeddings[:1], steerability[:1], LAYERS, 12, config, progress=False)
+    assert alone.predictor is None and alone.shipped is None and alone.regression is None
+
+
 def test_one_best_layer_for_every_prompt_gives_no_router():
     embeddings, steerability = _two_groups()
     steerability[:, LAYERS.index(6)] = 2.0  # layer 6 is the best for everyone

@@ -29,6 +29,7 @@ DEFAULT_GRID: dict[str, tuple] = {
     "weight_decay": (1e-4, 1e-2),
 }
 DEFAULT_EPOCHS = 20
+DEFAULT_FOLDS = 5
 
 
 class RouterSettings(Protocol):
@@ -182,7 +183,7 @@ def fit_layer_predictor(
     candidate_layers: Sequence[int],
     *,
     grid: Mapping[str, Sequence] | None = None,
-    n_folds: int = 5,
+    n_folds: int = DEFAULT_FOLDS,
     epochs: int = DEFAULT_EPOCHS,
     batch_size: int = 128,
     seed: int = 0,
@@ -391,6 +392,8 @@ def fit_router(
         raise ValueError(f"Unknown router {config.router!r}; choose one of {list(ROUTERS)}.")
     full_matrix = np.full((len(steerability), num_layers), -np.inf)
     full_matrix[:, layers] = steerability
+    n_folds = min(DEFAULT_FOLDS, len(steerability))  # leave-one-out below DEFAULT_FOLDS train examples (one
+    # example has one label, hence a single candidate layer and no router)
     candidates_by_k, cv_by_k, predictors = {}, {}, {}
     for k in config.smoothing_k:
         labels = np.asarray(layers)[frequency_smoothed_labels(steerability, k)]
@@ -399,16 +402,15 @@ def fit_router(
         if len(candidates) == 1:
             predictors[k], cv_by_k[k] = None, {"single_layer": candidates[0]}
             continue
-        predictor, cv = fit_layer_predictor(
-            embeddings, labels, full_matrix, candidates, grid=config.cv_grid, seed=config.seed, progress=progress
-        )
+        predictor, cv = fit_layer_predictor(embeddings, labels, full_matrix, candidates, grid=config.cv_grid,
+                                            n_folds=n_folds, seed=config.seed, progress=progress)
         predictors[k], cv_by_k[k] = predictor, cv.to_dict()
     top1 = np.asarray(layers)[frequency_smoothed_labels(steerability, 1)]
     regression, regression_cv = None, None
     if len(active_layers(top1)) > 1:
         regression, report = fit_layer_predictor(embeddings, top1, full_matrix, active_layers(top1),
-                                                 grid=config.cv_grid, seed=config.seed, progress=progress,
-                                                 objective="regression")
+                                                 grid=config.cv_grid, n_folds=n_folds, seed=config.seed,
+                                                 progress=progress, objective="regression")
         regression_cv = report.to_dict()
     scored = {f"top{k}": cv_by_k[k]["best_score"] for k in predictors if predictors[k] is not None}
     best_k = max(scored, key=scored.get) if scored else None
