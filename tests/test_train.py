@@ -156,3 +156,21 @@ def test_fit_bundle_names_an_output_folder_that_is_a_file(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path / 'taken'} is a file"):
         fit_bundle(make_model("llama"), make_tokenizer(), FitConfig("openness", max_train=4), tmp_path / "taken",
                    progress=False)
+
+
+def test_a_report_mean_covers_a_policy_only_when_every_behavior_has_it(tmp_path):
+    import copy
+    import json
+
+    from w2s_hf.training.report import write_report
+
+    config = FitConfig("openness", max_train=8, max_eval=6, layers=[1, 2], multipliers=(-1.0, 0.0, 1.0),
+                       smoothing_k=(1,), encoder={"type": "internal", "layer": 0}, cv_grid=GRID)
+    _, fit = fit_bundle(make_model("llama"), make_tokenizer(), config, tmp_path / "fit", progress=False)
+    older = copy.deepcopy(fit)
+    del older["test"]["BASE"]["w2s_regression"]  # a fit from before the regression router
+    write_report({"new": fit, "old": older}, tmp_path / "eval", model="tiny", commands=[])
+    mean = json.loads((tmp_path / "eval" / "report.json").read_text())["mean"]
+    assert "w2s_regression" not in mean
+    both = [fit["test"]["BASE"]["fixed"]["steerability"], older["test"]["BASE"]["fixed"]["steerability"]]
+    assert mean["fixed"]["steerability"] == pytest.approx(np.mean(both))

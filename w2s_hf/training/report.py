@@ -75,10 +75,12 @@ def load_fit_reports(bundles_dir: str | Path) -> dict[str, dict]:
 
 
 def _mean_over(entries: list[dict]) -> dict:
+    """Mean of each policy over `entries`; a policy some entries lack (e.g. `w2s_regression` in fits older than it)
+    gets no mean, since a mean over a subset would read as one over all of them."""
     mean = {}
     for name in POLICIES:
         values = [e[name] for e in entries if name in e]
-        if values:
+        if values and len(values) == len(entries):
             mean[name] = {key: float(np.mean([v[key] for v in values])) for key in ("steerability", "prop_steerable")}
     return mean
 
