@@ -40,8 +40,8 @@ def test_the_regression_router_learns_every_layers_steerability_and_the_choice_f
     """Layer 6 is second best for every prompt; the regression router must still rank 3 and 9 per prompt."""
     embeddings, steerability = _two_groups()
     steerability[:, LAYERS.index(6)] = 0.9
-    router = fit_router(embeddings, steerability, LAYERS, 12, FitConfig("toy", smoothing_k=(1,), cv_grid=GRID),
-                        progress=False)
+    router = fit_router(embeddings, steerability, LAYERS, 12, FitConfig("toy", smoothing_k=(1,), cv_grid=GRID,
+                                                                        router="classifier"), progress=False)
     assert router.shipped == "top1" and router.regression is not None
     assert router.regression.candidate_layers.tolist() == [3, 9]
     expected = np.where(np.arange(40) % 2 == 0, 3, 9)
@@ -55,6 +55,7 @@ def test_the_regression_router_learns_every_layers_steerability_and_the_choice_f
     assert best.shipped == max(scores, key=scores.get)
     with pytest.raises(ValueError, match="Unknown router 'oracle'"):
         FitConfig("toy", router="oracle")
+    assert FitConfig("toy").router == "best"  # the default: reports/router-kinds/
 
 
 def test_a_handful_of_train_examples_cross_validates_leave_one_out_and_one_ships_the_fixed_layer():
