@@ -2,9 +2,10 @@
 the prompt only, as in `generate`, and the statement-protocol runs in a secondary "scoring-time" table.
 
 It re-tabulates the fit reports on record; it runs no model:
-* prompt only (router_input `prompt`, protocol `answer`): the five advanced-AI-risk behaviors of
-  `reports/mwe-smollm2/bundles/` and the eight persona behaviors as Yes/No answers of
-  `reports/mwe-smollm2-answer/bundles/`;
+* prompt only (router_input `prompt`, protocol `answer`): per behavior, the largest fit on record (most test
+  examples, then most layers swept) among the five advanced-AI-risk behaviors of `reports/mwe-smollm2/bundles/`
+  (40/40, 5 layers), the eight persona behaviors as Yes/No answers of `reports/mwe-smollm2-answer/bundles/`
+  (60/60, 10 layers) and the larger runs of `reports/mwe-smollm2-100/bundles/` (100/100, 10 layers);
 * scoring-time (router_input `prompt+scored`, protocol `statement`): the eight persona behaviors of
   `reports/mwe-smollm2/bundles/`, listed as `<behavior> (statement)`.
 
@@ -18,19 +19,27 @@ import time
 from pathlib import Path
 
 from w2s_hf.defaults import DEFAULT_BASE_MODEL
-from w2s_hf.training.report import load_fit_reports, write_report
+from w2s_hf.training.report import behavior_entry, load_fit_reports, write_report
 
 REPORTS = Path(__file__).resolve().parent
-HEADLINE, PERSONA_ANSWER = REPORTS / "mwe-smollm2", REPORTS / "mwe-smollm2-answer"
+HEADLINE, PERSONA_ANSWER, LARGER = REPORTS / "mwe-smollm2", REPORTS / "mwe-smollm2-answer", REPORTS / "mwe-smollm2-100"
+
+
+def scale(report: dict) -> tuple[int, int]:
+    entry = behavior_entry(report)
+    return entry["n_test"], len(entry["layers_swept"])
 
 
 def main() -> None:
     own = load_fit_reports(HEADLINE / "bundles")
     prompt_only = {name: report for name, report in own.items() if report["protocol"] != "statement"}
-    prompt_only.update(load_fit_reports(PERSONA_ANSWER / "bundles"))
+    for folder in (PERSONA_ANSWER, LARGER):
+        for name, report in load_fit_reports(folder / "bundles").items():
+            if name not in prompt_only or scale(report) > scale(prompt_only[name]):
+                prompt_only[name] = report
     scoring_time = {f"{name} (statement)": report for name, report in own.items() if report["protocol"] == "statement"}
     assert len(prompt_only) == 13 and all(report["protocol"] == "answer" for report in prompt_only.values())
-    commands = [line for folder in (HEADLINE, PERSONA_ANSWER)
+    commands = [line for folder in (HEADLINE, PERSONA_ANSWER, LARGER)
                 for line in (folder / "commands.log").read_text().splitlines() if line.strip()]
     stamp = time.strftime("%Y-%m-%d %H:%M")
     commands.append(f"{stamp} | re-tabulated, no model run | python reports/headline_prompt_only.py")
