@@ -248,6 +248,16 @@ def _enter_steer(engine: SteeringEngine, route: SteeringRoute, vectors: torch.Te
     return steps
 
 
+@pytest.fixture
+def interactive_sigint():
+    """Python's own Ctrl-C handler, as in an interactive run: a pytest started in the background by a shell
+    without job control inherits SIGINT ignored, and Ctrl-C deferral (rightly) leaves an ignored signal alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("interactive_sigint")
 def test_an_interrupt_at_any_step_of_entering_steer_leaves_no_hook():
     model = make_model("llama")
     vectors = torch.randn(NUM_LAYERS, model.config.hidden_size)
@@ -288,6 +298,7 @@ def _interrupt_after(function):
     return interrupted
 
 
+@pytest.mark.usefixtures("interactive_sigint")
 def test_a_ctrl_c_right_after_a_hook_is_registered_is_raised_after_with_no_hook_left(monkeypatch):
     """The instant between torch handing back a hook's handle and the engine storing it (hooks leaked there)."""
     model, tokenizer = make_model("llama"), make_tokenizer()
@@ -301,6 +312,7 @@ def test_a_ctrl_c_right_after_a_hook_is_registered_is_raised_after_with_no_hook_
     assert hook_state(model) == hooks_before and not w2s.engine._calls
 
 
+@pytest.mark.usefixtures("interactive_sigint")
 def test_a_ctrl_c_while_a_steering_block_closes_leaves_no_block_open(monkeypatch):
     model, tokenizer = make_model("llama"), make_tokenizer()
     w2s = W2SSteeringModel(model, make_bundle(model), tokenizer=tokenizer)
