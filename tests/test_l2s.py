@@ -355,6 +355,9 @@ def test_fit_l2s_bundle_is_the_paper_steps_in_one_call_and_loads_for_generate(tm
     for name, tensor in expected.items():
         assert torch.equal(bundle.l2s_state_dict()[name], tensor), name
     assert (bundle.config.predictor is None) == (router.predictor is None)
+    choice = report["strength_choice"]  # chosen on train prompts, from the lower L2S range
+    assert bundle.config.default_strength == choice["strength"] in [row["strength"] for row in choice["table"]]
+    assert [row["strength"] for row in choice["table"]] == [0.25, 0.5, 1.0, 2.0]
 
     w2s = W2SSteeringModel.from_pretrained(tmp_path / "l2s", base_model=model, tokenizer=tokenizer)
     assert w2s.bundle.config.method == "l2s" and w2s.bundle.config.fixed_layer == fixed

@@ -129,8 +129,11 @@ def cmd_fit_l2s(args: argparse.Namespace) -> int:
     caa = W2SSteeringModel.from_pretrained(args.fit)
     _, report = fit_l2s_bundle(caa.base_model, caa.tokenizer, args.fit, args.output, context_layers=args.context_layers,
                                max_val=args.max_val, progress=not args.quiet)
+    choice = report["strength_choice"]
     print(f"L2S fixed layer {report['l2s_fixed_layer']} (CAA: {report['caa_fixed_layer']}), context layer "
-          f"{report['context_layer']}, router: {report['l2s_router']}.")
+          f"{report['context_layer']}, router: {report['l2s_router']}, default strength {choice['strength']:g} (the "
+          f"largest of {[row['strength'] for row in choice['table']]} that kept train continuations coherent both ways"
+          f"{'' if choice['coherent'] else '; none did, so the smallest'}).")
     print(f"\nL2S bundle saved to {args.output} in {time.time() - start:.0f} s.")
     return 0
 

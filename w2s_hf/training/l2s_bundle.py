@@ -4,7 +4,8 @@ The steps are those of :mod:`w2s_hf.training.fit_l2s`, run on the fit's own spli
 encoder: oracle vectors and context representations of the train and validation splits, the L2S fixed
 layer (a per-item oracle-vector layer sweep, cached and resumable), the L2S router (trained like the
 fit's: encoder, label smoothing, CV, fallback to the fixed layer) on that sweep, the context layer and
-one network per layer a router can pick.
+one network per layer a router can pick; the bundle's default strength is then chosen on train prompts as
+for the demo (`w2s_hf.training.strength.choose_strength`, from lower candidates: L2S vectors are larger).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from torch import nn
 
 from ..bundle import PREDICTOR_PREFIX, BundleConfig, SteeringBundle, prefixed
+from ..layers import context_length_of
+from ..modeling import W2SSteeringModel
 from ..router.encoders import PromptEncoder, encoder_from_spec
 from ..steering import SteeringEngine
 from .data import behavior_info, load_behavior, split_dataset
@@ -26,9 +29,13 @@ from .fit import FitConfig, build_items, embed_items
 from .fit_l2s import DEFAULT_LRS, context_representations, fit_l2s, l2s_bundle, oracle_fixed_layer, oracle_vectors
 from .protocols import Item
 from .router_fit import RouterFit, fit_router
+from .strength import choose_strength
 
 PAIRED_PROTOCOLS = ("answer", "ab")
 """Protocols with a positive and a negative answer per item, hence L2S oracle vectors."""
+L2S_STRENGTHS = (0.25, 0.5, 1.0, 2.0)
+"""Default strengths tried for an L2S bundle: its vectors are far larger than CAA's, so the range is lower."""
+STRENGTH_PROMPTS, STRENGTH_TOKENS = 16, 32
 
 
 def default_context_layers(num_layers: int) -> list[int]:
@@ -136,8 +143,8 @@ def fit_l2s_bundle(
 
     Returns:
         `(bundle, report)`: the L2S bundle (`method="l2s"`: the fit's CAA vectors, the L2S fixed layer, its own
-        router and the networks; loadable with `W2SSteeringModel`) and what was fitted (`l2s_fixed_layer`,
-        `context_layer`, `l2s_router`, `l2s_fit`, `n_train`, `n_val`, ...).
+        router, the networks and a default strength chosen on train prompts; loadable with `W2SSteeringModel`)
+        and what was fitted (`l2s_fixed_layer`, `context_layer`, `l2s_router`, `l2s_fit`, `strength_choice`, ...).
 
     Example:
 
@@ -170,6 +177,12 @@ def fit_l2s_bundle(
                                    steering_layers=sorted(set(caa_routable) | set(own_routable)),
                                    context_layers=context_layers, lrs=lrs, seed=config.seed, progress=progress)
     bundle = l2s_bundle(rerouted(fit.bundle, router, fit.encoder), networks, fixed_layer=l2s_fixed, training=fit_report)
+    context = context_length_of(model)
+    prompts = [item.routing_ids for item in train
+               if context is None or len(item.routing_ids) + STRENGTH_TOKENS <= context][:STRENGTH_PROMPTS]
+    choice = choose_strength(W2SSteeringModel(model, bundle, tokenizer=tokenizer), prompts, candidates=L2S_STRENGTHS,
+                             max_new_tokens=STRENGTH_TOKENS)
+    bundle.config.default_strength = choice.strength
     if output is not None:
         bundle.save(output)
     report = {
@@ -182,6 +195,8 @@ def fit_l2s_bundle(
         "l2s_router_cv": {str(k): v for k, v in router.cv.items()},
         "oracle_train_steerability_per_layer": dict(zip(sweep["layers"], sweep["steerability"].mean(0).tolist())),
         "l2s_fit": fit_report, "fit_seconds": time.time() - started, "device": str(next(model.parameters()).device),
+        "strength_choice": {"strength": choice.strength, "coherent": choice.coherent, "table": choice.table,
+                            "unsteered_perplexity": choice.unsteered_perplexity},
     }
     return bundle, report
 
