@@ -278,10 +278,9 @@ def test_from_pretrained_says_what_to_do_when_the_base_model_cannot_load(tmp_pat
         W2SSteeringModel.from_pretrained(tmp_path, base_model=model, device_map="cpu")
 
 
-@pytest.mark.parametrize("extra", [{}, {"num_beams": 2, "num_return_sequences": 2}])
-def test_internal_encoder_routes_inside_the_prompt_pass_without_an_extra_forward(family, extra):
-    model, tokenizer = make_model(family), make_tokenizer()
-    w2s = W2SSteeringModel(model, make_bundle(model), tokenizer=tokenizer)  # internal layer 0, candidates 1..3
+def assert_routed_in_the_prompt_pass(w2s: W2SSteeringModel, model, tokenizer, **extra) -> None:
+    """`w2s.generate` routes inside the prompt's own pass (one forward per new token) and steers each row at the
+    layer its separate-pass router picks."""
     batch = encode(tokenizer)
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, **extra)
     layers = w2s.predict_layers(batch["input_ids"], batch["attention_mask"])  # the separate-pass router
@@ -295,6 +294,13 @@ def test_internal_encoder_routes_inside_the_prompt_pass_without_an_extra_forward
     assert torch.equal(routed, oracle)
 
 
+@pytest.mark.parametrize("extra", [{}, {"num_beams": 2, "num_return_sequences": 2}])
+def test_internal_encoder_routes_inside_the_prompt_pass_without_an_extra_forward(family, extra):
+    model, tokenizer = make_model(family), make_tokenizer()
+    w2s = W2SSteeringModel(model, make_bundle(model), tokenizer=tokenizer)  # internal layer 0, candidates 1..3
+    assert_routed_in_the_prompt_pass(w2s, model, tokenizer, **extra)
+
+
 def test_a_router_on_several_blocks_last_token_routes_inside_the_prompt_pass():
     model, tokenizer = make_model("qwen2"), make_tokenizer()
     torch.manual_seed(0)
@@ -302,19 +308,8 @@ def test_a_router_on_several_blocks_last_token_routes_inside_the_prompt_pass():
     config = BundleConfig(base_model=describe_base_model(model), encoder={"type": "internal", "layers": [0, 1],
                           "pooling": "last"}, predictor=predictor.config_dict(), fixed_layer=2, default_strength=6.0)
     tensors = {"steering_vectors": 0.02 * torch.randn(NUM_LAYERS, HIDDEN), **prefixed(PREDICTOR_PREFIX, predictor.state_dict())}
-    bundle = SteeringBundle(config, tensors)
-    w2s = W2SSteeringModel(model, bundle, tokenizer=tokenizer)
-    batch = encode(tokenizer)
-    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    layers = w2s.predict_layers(batch["input_ids"], batch["attention_mask"])  # the separate-pass router
-    calls, handle = count_forwards(model)
-    routed = w2s.generate(**batch, **kwargs)
-    handle.remove()
-    assert calls["n"] == 5, "one forward per generated token: routing must not add a pass"
-    route = SteeringRoute.from_layers(layers, 6.0, NUM_LAYERS, prompt_lengths=batch["attention_mask"].sum(-1))
-    with SteeringEngine(model).steer(AdditiveIntervention(w2s.bundle.steering_vectors), route, policy="all"):
-        oracle = model.generate(**batch, **kwargs)
-    assert torch.equal(routed, oracle)
+    assert_routed_in_the_prompt_pass(W2SSteeringModel(model, SteeringBundle(config, tensors), tokenizer=tokenizer),
+                                     model, tokenizer)
 
 
 def test_router_reading_at_or_above_a_candidate_layer_uses_a_separate_pass():
