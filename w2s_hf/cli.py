@@ -37,16 +37,13 @@ def _fit_fields() -> list:
     return list(fields(FitConfig))
 
 
-def _internal_spec(layers: list[int], pooling: str) -> dict:
-    """The internal encoder's spec from `--internal-layer` (one block or several) and `--internal-pooling`."""
-    read = {"layer": layers[0]} if len(layers) == 1 else {"layers": layers}
-    return {"type": "internal", **read} | ({} if pooling == "mean" else {"pooling": pooling})
-
-
 def _fit_config(args: argparse.Namespace, **overrides):
+    from .router.encoders import EncoderSpec
     from .training.fit import FitConfig
 
-    encoder = _internal_spec(args.internal_layer, args.internal_pooling) if args.encoder == "internal" else (
+    layers = args.internal_layer  # one block or several
+    encoder = EncoderSpec.internal(layers[0] if len(layers) == 1 else layers,
+                                   args.internal_pooling).to_dict() if args.encoder == "internal" else (
         {"type": "hf-mean", "name_or_path": args.encoder_model} if args.encoder == "hf-mean" else
         {"type": "sentence-transformers", "name_or_path": args.encoder_model})
     values = {f.name: getattr(args, f.name) for f in _fit_fields() if hasattr(args, f.name)}
@@ -219,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .training.data import behavior_info, load_behavior, split_dataset
     from .training.fit import build_items, check_output_folder, fit_bundle
     from .training.protocols import default_protocol
-    from .training.strength import choose_strength
+    from .training.strength import choose_strength, fits_context
 
     info = behavior_info(args.behavior, args.data_dir)
     _fit_config(args)  # a bad setting fails before the model loads
@@ -236,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     steered = W2SSteeringModel(model, bundle, tokenizer=tokenizer)
     protocol = config.protocol or default_protocol(info)
     splits = split_dataset(load_behavior(args.behavior, args.data_dir), seed=config.seed)
-    fits = _fits_context(model, args.max_new_tokens)
+    fits = fits_context(model, args.max_new_tokens)
     train = [item.routing_ids for item in build_items(splits["train"], protocol, tokenizer, info) if fits(item)]
     choice = choose_strength(steered, train[:DEMO_STRENGTH_PROMPTS], max_new_tokens=args.max_new_tokens)
     bundle.config.default_strength = choice.strength
@@ -268,14 +265,6 @@ DEMO_STRENGTH_PROMPTS = 16
 """Train prompts the demo's strength choice generates from."""
 DEMO_PROMPT_COUNT = 3
 """Test prompts the demo prints (one per routed layer first)."""
-
-
-def _fits_context(model, max_new_tokens: int):
-    """Whether an item's prompt plus `max_new_tokens` fits the model's context (the demo skips those that do not)."""
-    from .layers import context_length_of
-
-    context = context_length_of(model) or float("inf")
-    return lambda item: len(item.routing_ids) + max_new_tokens <= context
 
 
 def _one_prompt_per_layer(model, prompt_ids: list[list[int]], count: int) -> list[int]:

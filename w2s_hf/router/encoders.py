@@ -90,6 +90,21 @@ class EncoderSpec:
                 raise ValueError(f"The internal prompt encoder's `layers` must be distinct layer indices, got {layers!r}.")
             object.__setattr__(self, "layers", tuple(layers))
 
+    @classmethod
+    def internal(cls, layer: int | Sequence[int], pooling: str = "mean") -> EncoderSpec:
+        """The `internal` spec of one block (`"layer"`) or of a list of blocks (`"layers"`); the default mean pooling
+        is left unset, so the spec reads as bundles have always stored it.
+
+        Example:
+
+        ```python
+        >>> EncoderSpec.internal(2).to_dict(), EncoderSpec.internal([1, 2], "last").to_dict()
+        ({'type': 'internal', 'layer': 2}, {'type': 'internal', 'pooling': 'last', 'layers': [1, 2]})
+        ```
+        """
+        read = {"layers": tuple(layer)} if isinstance(layer, Sequence) else {"layer": layer}
+        return cls("internal", pooling=None if pooling == "mean" else pooling, **read)
+
     @property
     def read_layers(self) -> tuple[int, ...]:
         """The base-model blocks an `internal` encoder reads (empty for the other types)."""
@@ -314,17 +329,14 @@ class InternalEncoder(PromptEncoder):
         pooling: str = "mean",
     ) -> None:
         blocks = find_decoder_layers(model, layers_path)
-        several = isinstance(layer, Sequence)
-        spec = EncoderSpec("internal", layers=tuple(layer), pooling=pooling) if several else EncoderSpec(
-            "internal", layer=layer, pooling=pooling)
-        out_of_range = [i for i in spec.read_layers if not 0 <= i < len(blocks)]
+        self._spec = EncoderSpec.internal(layer, pooling)
+        out_of_range = [i for i in self._spec.read_layers if not 0 <= i < len(blocks)]
         if out_of_range:
             raise ValueError(f"Internal encoder layer {out_of_range[0]} is out of range for {len(blocks)} layers.")
         self.model = model
         self.tokenizer = tokenizer
-        self.layers = spec.read_layers
+        self.layers = self._spec.read_layers
         self.pooling = pooling
-        self._several = several
         self._blocks = blocks
         self.blocks = tuple(blocks[i] for i in self.layers)
 
@@ -359,8 +371,7 @@ class InternalEncoder(PromptEncoder):
         return torch.cat(chunks)
 
     def spec(self) -> dict:
-        read = {"layers": list(self.layers)} if self._several else {"layer": self.layers[0]}
-        return {"type": "internal", **read} | ({} if self.pooling == "mean" else {"pooling": self.pooling})
+        return self._spec.to_dict()
 
 
 def encoder_from_spec(spec: Mapping | EncoderSpec, model: nn.Module | None = None, tokenizer=None) -> PromptEncoder:

@@ -20,7 +20,6 @@ from pathlib import Path
 from torch import nn
 
 from ..bundle import PREDICTOR_PREFIX, BundleConfig, SteeringBundle, prefixed
-from ..layers import context_length_of
 from ..modeling import W2SSteeringModel
 from ..router.encoders import PromptEncoder, encoder_from_spec
 from ..steering import SteeringEngine
@@ -29,7 +28,7 @@ from .fit import FitConfig, build_items, embed_items
 from .fit_l2s import DEFAULT_LRS, context_representations, fit_l2s, l2s_bundle, oracle_fixed_layer, oracle_vectors
 from .protocols import Item
 from .router_fit import RouterFit, fit_router
-from .strength import choose_strength
+from .strength import choose_strength, fits_context
 
 PAIRED_PROTOCOLS = ("answer", "ab")
 """Protocols with a positive and a negative answer per item, hence L2S oracle vectors."""
@@ -177,9 +176,8 @@ def fit_l2s_bundle(
                                    steering_layers=sorted(set(caa_routable) | set(own_routable)),
                                    context_layers=context_layers, lrs=lrs, seed=config.seed, progress=progress)
     bundle = l2s_bundle(rerouted(fit.bundle, router, fit.encoder), networks, fixed_layer=l2s_fixed, training=fit_report)
-    context = context_length_of(model)
-    prompts = [item.routing_ids for item in train
-               if context is None or len(item.routing_ids) + STRENGTH_TOKENS <= context][:STRENGTH_PROMPTS]
+    fits = fits_context(model, STRENGTH_TOKENS)
+    prompts = [item.routing_ids for item in train if fits(item)][:STRENGTH_PROMPTS]
     choice = choose_strength(W2SSteeringModel(model, bundle, tokenizer=tokenizer), prompts, candidates=L2S_STRENGTHS,
                              max_new_tokens=STRENGTH_TOKENS)
     bundle.config.default_strength = choice.strength

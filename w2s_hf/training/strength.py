@@ -23,9 +23,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layers import context_length_of
 from ..modeling import W2SSteeringModel
 
 DEFAULT_STRENGTHS = (1.0, 2.0, 4.0, 8.0)
+
+
+def fits_context(model, max_new_tokens: int):
+    """Whether an item's prompt plus `max_new_tokens` generated tokens fits `model`'s context (the strength choice
+    and the demo skip prompts that do not)."""
+    context = context_length_of(model) or float("inf")
+    return lambda item: len(item.routing_ids) + max_new_tokens <= context
 
 
 @dataclass
