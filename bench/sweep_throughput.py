@@ -3,11 +3,14 @@
 Naive = one forward per (sample, layer, multiplier) at batch 1, scored from every position's logits,
 as a straightforward implementation would do. Fast = `w2s_hf.training.sweep.layer_sweep` (multiplier 0 shared
 by all layers, multipliers batched as rows, blocks below the steered layer replayed from one unsteered
-pass, logits only at the scored positions). Both score the same
-evaluations on the packaged SmolLM2-135M-Instruct (statement protocol, anti-LGBTQ train split); the
-script checks that their propensities agree and prints evaluations per second and the ratio.
+pass, logits only at the scored positions, an item's answers packed into one row over their shared
+prompt). Both score the same evaluations on the packaged SmolLM2-135M-Instruct (by default the statement
+protocol on the anti-LGBTQ train split; `--protocol answer` scores two answers per sample); the script
+checks that their propensities agree and prints evaluations per second and the ratio, and times two
+ablations: every position's logits, and (answer protocol) each answer in a row of its own.
 
     python bench/sweep_throughput.py [--samples 8] [--layers 0 5 10 15 20 25] [--device cpu] [--dtype bfloat16]
+                                     [--protocol answer] [--behavior awareness-good]
 """
 
 from __future__ import annotations
@@ -59,13 +62,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each fast variant, after one untimed run (the fastest is kept)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--protocol", default="statement", choices=["statement", "answer"])
+    parser.add_argument("--behavior", default="anti-LGBTQ")
     args = parser.parse_args()
 
     model = load_base_model(DEFAULT_BASE_MODEL, dtype=getattr(torch, args.dtype)).to(args.device)
     tokenizer = load_tokenizer(DEFAULT_BASE_MODEL)
-    info = behavior_info("anti-LGBTQ")
-    train = list(split_dataset(load_behavior("anti-LGBTQ"))["train"])
-    items = [build_item(example, "statement", tokenizer, info) for example in train[: args.samples]]
+    info = behavior_info(args.behavior)
+    train = list(split_dataset(load_behavior(args.behavior))["train"])
+    items = [build_item(example, args.protocol, tokenizer, info) for example in train[: args.samples]]
     vectors = caa_vectors(model, items, tokenizer.pad_token_id, progress=False)
     evaluations = len(items) * len(args.layers) * len(args.multipliers)
 
@@ -73,8 +78,9 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def sweep(all_logits: bool = False) -> dict:
-        with mock.patch("w2s_hf.training.scoring._accepts_logits_to_keep", return_value=False) if all_logits else nullcontext():
+    def sweep(all_logits: bool = False, separate_answers: bool = False) -> dict:
+        with (mock.patch("w2s_hf.training.rows._accepts_logits_to_keep", return_value=False) if all_logits else nullcontext(),
+              mock.patch("w2s_hf.training.sweep.packing_works", return_value=False) if separate_answers else nullcontext()):
             return layer_sweep(model, items, vectors, tokenizer.pad_token_id, layers=args.layers,
                                multipliers=args.multipliers, batch_size=args.batch_size, progress=False)
 
@@ -92,6 +98,10 @@ def main() -> None:
     fast_seconds = fastest(sweep)
     sweep(all_logits=True)
     all_logits_seconds = fastest(lambda: sweep(all_logits=True))  # ablation: every position's logits
+    packed = args.protocol == "answer"
+    if packed:
+        separate = sweep(separate_answers=True)
+        separate_seconds = fastest(lambda: sweep(separate_answers=True))  # ablation: each answer in its own row
 
     engine, intervention = SteeringEngine(model), AdditiveIntervention(vectors)
     naive = np.zeros_like(fast["propensity"])
@@ -112,6 +122,12 @@ def main() -> None:
           f"{evaluations / all_logits_seconds:8.2f} evaluations/s")
     print(f"speed-up   : {naive_seconds / fast_seconds:8.2f}x   max |propensity difference| = {difference:.2e}")
     print(f"scored-position logits alone: {all_logits_seconds / fast_seconds:8.2f}x")
+    if packed:
+        packing_difference = float(np.abs(fast["propensity"] - separate["propensity"]).max())
+        print(f"w2s sweep, each answer in its own row (ablation): {separate_seconds:8.2f} s  "
+              f"{evaluations / separate_seconds:8.2f} evaluations/s")
+        print(f"answers packed over their shared prompt alone: {separate_seconds / fast_seconds:8.2f}x   "
+              f"max |propensity difference| = {packing_difference:.2e}")
 
 
 if __name__ == "__main__":

@@ -272,7 +272,7 @@ def test_a_cache_of_another_sweep_names_its_folder_and_the_way_out(tmp_path):
 
 def test_non_finite_propensities_are_refused_where_they_are_computed(tmp_path, monkeypatch):
     """A model whose logits overflow (float16) scores NaN: named there, not later as a NaN steerability matrix."""
-    monkeypatch.setattr(sweep_module, "score_rows", lambda *args: torch.full((len(args[2]),), float("nan")))
+    monkeypatch.setattr(sweep_module, "row_scores", lambda *args: torch.full((len(args[2]),), float("nan")))
     with pytest.raises(ValueError, match=r"non-finite propensities at layer \d+ for items \[.*float32"):
         _toy_sweep(tmp_path)
     assert not list(tmp_path.glob("chunk*.npy")), "nothing non-finite is cached"

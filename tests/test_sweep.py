@@ -18,7 +18,8 @@ from w2s_hf.training.capture import pad_batch
 from w2s_hf.training.extraction import caa_vectors, class_means
 from w2s_hf.training.metrics import steerability
 from w2s_hf.training.protocols import build_item
-from w2s_hf.training.scoring import score_propensities, scored_logits
+from w2s_hf.training.rows import batch_rows, item_rows, scored_logits
+from w2s_hf.training.scoring import score_propensities
 from w2s_hf.training.sweep import layer_sweep
 
 
@@ -87,14 +88,15 @@ def test_scored_positions_give_the_full_logits_propensity(family, protocol, wrap
     if wrapper == "peft":
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
     scorer = NoLogitsToKeep(model) if wrapper == "no_logits_to_keep" else model
-    rows = [seq for item in items for seq in item.sequences if seq.sign != 0]
-    ids, mask = pad_batch([seq.input_ids for seq in rows], 0)
+    rows = [row for item in items for row in item_rows(item, pack=False)]
+    batch = batch_rows(rows, 0)
+    width = batch.input_ids.shape[1]
     with torch.no_grad():
-        logits, column = scored_logits(scorer, ids, mask, rows)
+        logits, column = scored_logits(scorer, batch, rows)
     kept = int((column >= 0).sum())
-    assert logits.shape[1] == (ids.shape[1] if wrapper == "no_logits_to_keep" else kept) and kept <= ids.shape[1]
+    assert logits.shape[1] == (width if wrapper == "no_logits_to_keep" else kept) and kept <= width
     if wrapper != "no_logits_to_keep" and protocol != "statement":
-        assert kept < ids.shape[1], "a one-token answer reads one position per row, not the whole sequence"
+        assert kept < width, "a one-token answer reads one position per row, not the whole sequence"
     propensity = score_propensities(scorer, SteeringEngine(model), None, items,
                                     [(i, None, 0.0) for i in range(len(items))], 0, batch_size=4)
     oracle = [full_logits_propensity(model, item) for item in items]

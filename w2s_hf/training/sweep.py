@@ -2,8 +2,8 @@
 
 The sweep scores every (sample, layer, multiplier) triple. Multipliers are batched as rows of one
 forward pass, the unsteered multiplier 0 is computed once and shared by all layers, the hidden
-states below the steered layer are reused from that unsteered pass instead of being recomputed, and
-every finished (chunk, layer) is written to a checked cache file, so a killed sweep restarts where it
+states below the steered layer are reused from that unsteered pass instead of being recomputed, an
+item's answers are scored in one row over their shared prompt (`w2s_hf.training.rows`), and every finished (chunk, layer) is written to a checked cache file, so a killed sweep restarts where it
 stopped and recomputes nothing it had finished, with the same or another batch size.
 """
 
@@ -27,10 +27,19 @@ from ..interventions import AdditiveIntervention
 from ..layers import block_output, check_layer_ids, unsteered
 from ..recording import replay_prefix
 from ..steering import SteeringEngine, SteeringRoute
-from .capture import capture_block_outputs, device_of, pad_batch
+from .capture import capture_block_outputs, device_of
 from .metrics import steerability
-from .protocols import Item, ScoredSequence
-from .scoring import DEFAULT_MULTIPLIERS, score_rows, scored_logits
+from .protocols import Item
+from .rows import (
+    ScoringRow,
+    activation_dtype,
+    batch_rows,
+    item_rows,
+    packing_works,
+    row_scores,
+    scored_logits,
+)
+from .scoring import DEFAULT_MULTIPLIERS
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +271,8 @@ class SweepCache:
         self._units[key] = value
 
 
-def _scored_rows(items: Sequence[Item], indices: Sequence[int]) -> list[tuple[int, ScoredSequence]]:
-    return [(i, seq) for i in indices for seq in items[i].sequences if seq.sign != 0]
+def _scoring_rows(items: Sequence[Item], indices: Sequence[int], pack: bool) -> list[tuple[int, ScoringRow]]:
+    return [(i, row) for i in indices for row in item_rows(items[i], pack)]
 
 
 def _fingerprint(items: Sequence[Item], layers, multipliers, policy, extra) -> dict:
@@ -344,8 +353,9 @@ def layer_sweep(
     if cache_dir is not None:
         cache = SweepCache(cache_dir, _fingerprint(items, layers, multipliers, policy, cache_key),
                            vectors.detach().float().cpu().numpy())
-    device = device_of(model)
-    rows_per_item = max(len(_scored_rows(items, [i])) for i in range(len(items)))
+    device, dtype = device_of(model), activation_dtype(model)
+    pack = packing_works(model, items, pad_id, policy)
+    rows_per_item = max(len(item_rows(item, pack)) for item in items)
     chunk_size = max(1, batch_size // max(1, len(steered) * rows_per_item))
     order = sorted(range(len(items)), key=lambda i: len(items[i].routing_ids))
     propensity = np.zeros((len(items), len(layers), len(multipliers)))
@@ -362,19 +372,18 @@ def layer_sweep(
                     results[layer] = np.full((len(chunk), len(multipliers)), np.nan)
                 missing = []
             if missing:
-                rows = _scored_rows(items, chunk)
-                ids, mask = pad_batch([seq.input_ids for _, seq in rows], pad_id)
-                ids, mask = ids.to(device), mask.to(device)
-                sequences = [seq for _, seq in rows]
+                rows = _scoring_rows(items, chunk, pack)
+                chunk_rows = [row for _, row in rows]
+                batch = batch_rows(chunk_rows, pad_id, dtype).to(device)
                 with capture_block_outputs(model) as outputs:
-                    logits, column = scored_logits(model, ids, mask, sequences)
+                    logits, column = scored_logits(model, batch, chunk_rows)
                 recorded = list(outputs)
-                base = _accumulate(chunk, rows, score_rows(logits, column, sequences, ids))
+                base = _accumulate(chunk, rows, row_scores(logits, column, chunk_rows))
                 repeat = len(steered)
-                steered_ids, steered_mask = ids.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+                steered_batch = batch.repeat_rows(repeat)
                 strengths = torch.tensor(steered).repeat(len(rows))
                 steered_rows = [row for row in rows for _ in steered]
-                steered_sequences = [seq for _, seq in steered_rows]
+                steered_chunk_rows = [row for _, row in steered_rows]
                 for layer in missing:
                     route = SteeringRoute(
                         torch.zeros(len(steered_rows), engine.num_layers, dtype=torch.bool).index_fill_(1, torch.tensor([layer]), True),
@@ -385,8 +394,8 @@ def layer_sweep(
                     if isinstance(recorded[layer], tuple):
                         cached = (cached,)
                     with replay_prefix(engine.layers, layer, cached), engine.steer(intervention, route, policy):
-                        logits, column = scored_logits(model, steered_ids, steered_mask, steered_sequences)
-                    scores = score_rows(logits, column, steered_sequences, steered_ids).view(len(rows), repeat)
+                        logits, column = scored_logits(model, steered_batch, steered_chunk_rows)
+                    scores = row_scores(logits, column, steered_chunk_rows).view(len(rows), repeat)
                     result = np.empty((len(chunk), len(multipliers)))
                     result[:, zero_columns] = base[:, None]
                     for k in range(repeat):
@@ -446,10 +455,10 @@ def _check_finite(result: np.ndarray, layer: int, chunk: Sequence[int]) -> None:
         )
 
 
-def _accumulate(chunk: Sequence[int], rows: Sequence[tuple[int, ScoredSequence]], scores: torch.Tensor) -> np.ndarray:
-    """Signed sum of each item's sequence scores (its propensity), in chunk order."""
+def _accumulate(chunk: Sequence[int], rows: Sequence[tuple[int, ScoringRow]], scores: torch.Tensor) -> np.ndarray:
+    """Sum of each item's row scores (its propensity), in chunk order."""
     position = {item: k for k, item in enumerate(chunk)}
     total = np.zeros(len(chunk))
-    for (item, sequence), score in zip(rows, scores.tolist()):
-        total[position[item]] += sequence.sign * score
+    for (item, _), score in zip(rows, scores.tolist()):
+        total[position[item]] += score
     return total

@@ -1,0 +1,185 @@
+"""Packed scoring rows: an item's answers share one computed prompt and score exactly as separate sequences."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from helpers import NUM_LAYERS, make_model, make_tokenizer
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from training_helpers import INFO, toy_answer_examples
+
+from w2s_hf.interventions import AdditiveIntervention
+from w2s_hf.steering import SteeringEngine, SteeringRoute
+from w2s_hf.training import rows as rows_module
+from w2s_hf.training.protocols import Item, ScoredSequence, build_item
+from w2s_hf.training.rows import (
+    batch_rows,
+    item_rows,
+    packed_row,
+    packing_works,
+    row_scores,
+    scored_logits,
+)
+from w2s_hf.training.scoring import score_propensities
+from w2s_hf.training.sweep import layer_sweep
+
+
+def answer_items(tokenizer) -> list[Item]:
+    return [build_item(example, "answer", tokenizer, INFO) for example in toy_answer_examples()]
+
+
+def separate_propensity(model, item: Item, steer=None) -> float:
+    """Oracle: each scored sequence alone, unpadded, batch 1, every position's logits (`steer`: a context per forward)."""
+    total = 0.0
+    for sequence in item.sequences:
+        ids = torch.tensor([sequence.input_ids])
+        with torch.no_grad(), (steer() if steer else torch.no_grad()):
+            logits = model(input_ids=ids).logits[0].float()
+        start, end = sequence.span
+        log_probs = torch.log_softmax(logits[start - 1 : end - 1], -1)
+        total += sequence.sign * float(log_probs.gather(-1, ids[0, start:end, None]).mean())
+    return total
+
+
+@pytest.fixture(autouse=True)
+def fresh_packing_checks(monkeypatch):
+    """Each test decides packing for its own models (the once-per-model check is cached)."""
+    monkeypatch.setattr(rows_module, "_checked", type(rows_module._checked)())
+
+
+@pytest.mark.parametrize("wrapper", ["plain", "peft"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_packed_answers_score_like_separate_sequences(family, wrapper):
+    model, tokenizer = make_model(family), make_tokenizer()
+    if wrapper == "peft":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    items = answer_items(tokenizer)
+    assert packing_works(model, items, 0)
+    packed = [row for item in items for row in item_rows(item, pack=True)]
+    separate = [row for item in items for row in item_rows(item, pack=False)]
+    assert len(packed) == len(items) and len(separate) == 2 * len(items)
+    assert sum(len(row.input_ids) for row in packed) < 0.8 * sum(len(row.input_ids) for row in separate)
+    batch = batch_rows(packed, 0)
+    assert batch.attention_mask.shape == (len(packed), 1, batch.input_ids.shape[1], batch.input_ids.shape[1])
+    with torch.no_grad():
+        logits, column = scored_logits(model, batch, packed)
+    scores = row_scores(logits, column, packed).numpy()
+    np.testing.assert_allclose(scores, [separate_propensity(model, item) for item in items], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_steered_packed_propensities_equal_separate_steered_sequences(family):
+    model, tokenizer = make_model(family), make_tokenizer()
+    items = answer_items(tokenizer)
+    engine = SteeringEngine(model)
+    vectors = torch.randn(NUM_LAYERS, 32, generator=torch.Generator().manual_seed(1))
+    intervention = AdditiveIntervention(vectors)
+    requests = [(i, layer, 2.0) for i in range(len(items)) for layer in (1, 3)]
+    packed = score_propensities(model, engine, intervention, items, requests, 0, batch_size=3)
+    assert packing_works(model, items, 0)
+    oracle = [
+        separate_propensity(model, items[i], lambda layer=layer, m=m: engine.steer(
+            intervention, SteeringRoute.from_layers([layer], [m], engine.num_layers)))
+        for i, layer, m in requests
+    ]
+    np.testing.assert_allclose(packed, oracle, rtol=1e-4, atol=1e-4)
+    sweep = layer_sweep(model, items, vectors, 0, layers=[1, 3], multipliers=(-1.0, 0.0, 2.0), batch_size=4,
+                        progress=False)
+    np.testing.assert_allclose(sweep["propensity"][:, :, 2].ravel(), oracle, rtol=1e-4, atol=1e-4)
+
+
+def test_sequences_sharing_more_than_the_prompt_or_ending_inside_it():
+    """Answers with common first tokens, and an answer that is a prefix of another, pack and score alike."""
+    model = make_model("llama")
+    prompt = [5, 6, 7, 8]
+    sequences = [
+        ScoredSequence(prompt + [9, 10, 11], "logprob", (4, 7), 1.0),
+        ScoredSequence(prompt + [9, 10, 12, 13], "logprob", (4, 8), -1.0),
+        ScoredSequence(prompt + [9], "logprob", (2, 5), 0.5),
+        ScoredSequence(prompt + [9, 14], "logit_diff", (6, 6), 2.0, (20, 21)),
+    ]
+    row = packed_row(sequences)
+    assert row.input_ids[:5] == (5, 6, 7, 8, 9), "the common answer token is computed once"
+    assert len(row.input_ids) == 5 + 2 + 3 + 0 + 1
+    with torch.no_grad():
+        logits, column = scored_logits(model, batch_rows([row], 0), [row])
+        score = float(row_scores(logits, column, [row])[0])
+    oracle = 0.0
+    for sequence in sequences:
+        ids = torch.tensor([sequence.input_ids])
+        with torch.no_grad():
+            full = model(input_ids=ids).logits[0].float()
+        start, end = sequence.span
+        if sequence.kind == "logit_diff":
+            oracle += sequence.sign * float(full[start - 1, sequence.tokens[0]] - full[start - 1, sequence.tokens[1]])
+        else:
+            log_probs = torch.log_softmax(full[start - 1 : end - 1], -1)
+            oracle += sequence.sign * float(log_probs.gather(-1, ids[0, start:end, None]).mean())
+    assert score == pytest.approx(oracle, rel=1e-4, abs=1e-4)
+
+
+def test_a_padded_batch_of_packed_and_plain_rows_scores_each_row_alone():
+    model, tokenizer = make_model("qwen2"), make_tokenizer()
+    items = answer_items(tokenizer)
+    mixed = item_rows(items[0], pack=True) + item_rows(items[1], pack=False) + item_rows(items[2], pack=True)
+    with torch.no_grad():
+        logits, column = scored_logits(model, batch_rows(mixed, 0), mixed)
+    scores = row_scores(logits, column, mixed).numpy()
+    expected = [separate_propensity(model, items[0])]
+    expected += [s.sign * v for s, v in zip(items[1].sequences, _sequence_scores(model, items[1]))]
+    expected += [separate_propensity(model, items[2])]
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+def _sequence_scores(model, item: Item) -> list[float]:
+    scores = []
+    for sequence in item.sequences:
+        ids = torch.tensor([sequence.input_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float()
+        start, end = sequence.span
+        scores.append(float(torch.log_softmax(logits[start - 1 : end - 1], -1).gather(-1, ids[0, start:end, None]).mean()))
+    return scores
+
+
+class DropsPositionIds(nn.Module):
+    """A causal LM wrapper that takes `position_ids` and silently drops them: packed rows would score wrong."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                          logits_to_keep=logits_to_keep)
+
+
+class NoPositionIds(DropsPositionIds):
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("wrapper", [DropsPositionIds, NoPositionIds])
+def test_a_model_that_cannot_score_packed_rows_falls_back_and_says_so(wrapper, caplog):
+    model, tokenizer = make_model("gpt2"), make_tokenizer()  # learned positions: wrong ones move the scores by ~1e-2
+    scorer, items = wrapper(model), answer_items(tokenizer)
+    with caplog.at_level(logging.WARNING, logger="w2s_hf.training.rows"):
+        assert not packing_works(scorer, items, 0)
+    reason = "packed rows score" if wrapper is DropsPositionIds else "takes no `position_ids`"
+    assert "Scoring each answer in a row of its own" in caplog.text and reason in caplog.text
+    propensity = score_propensities(scorer, SteeringEngine(model), None, items,
+                                    [(i, None, 0.0) for i in range(len(items))], 0, batch_size=4)
+    np.testing.assert_allclose(propensity, [separate_propensity(model, item) for item in items], rtol=1e-4, atol=1e-4)
+
+
+def test_packing_needs_the_all_position_policy_and_several_answers():
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    items = answer_items(tokenizer)
+    assert not packing_works(model, items, 0, policy="generated")
+    one_answer = [Item(item.routing_ids, item.sequences[:1]) for item in items]
+    assert not packing_works(model, one_answer, 0)
+    assert packing_works(model, items, 0)

@@ -1,0 +1,318 @@
+"""Scoring rows: a protocol item's scored sequences as model inputs, their shared prompt computed once.
+
+The `answer` protocol scores two sequences per item: the prompt followed by each answer. Packed, they
+become one row: the shared prompt once, then each answer on a branch of its own. A 4-D attention mask
+lets an answer token see the prompt and the earlier tokens of its own answer only, and each branch's
+position ids continue from the end of the prompt, so every log-probability read from the packed row is
+the one of the separate sequence (to float rounding), for about half the tokens (a 100-token prompt
+with two 15-token answers: 130 tokens instead of 230).
+
+Packing needs a model that takes a custom 4-D mask and `position_ids` (transformers' `sdpa` and `eager`
+attention do), and the `all` position policy (the `generated` policy counts positions). `packing_works`
+decides, and checks a few items packed against the same items unpacked once per model, falling back
+to one row per sequence (with a warning) if they disagree.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..layers import unsteered
+from .capture import device_of
+from .protocols import Item, ScoredSequence
+
+logger = logging.getLogger(__name__)
+
+PACKABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that apply a custom 4-D float mask as given."""
+
+PROBE_ITEMS = 4
+"""Items scored both packed and unpacked when `packing_works` first checks a model."""
+
+_checked: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Read:
+    """One scored sequence inside a row.
+
+    `kind="logprob"`: the mean log-prob of `targets`, each predicted by the logits at the matching entry of
+    `positions`. `kind="logit_diff"`: logit of `targets[0]` minus logit of `targets[1]` at `positions[0]`.
+    The score counts `sign` times towards its item's propensity.
+    """
+
+    kind: str
+    positions: tuple[int, ...]
+    targets: tuple[int, ...]
+    sign: float
+
+
+@dataclass(frozen=True)
+class ScoringRow:
+    """One model input row and the scores read from it.
+
+    Args:
+        input_ids: the row's tokens.
+        reads: the scored sequences it holds.
+        branches: per token, `-1` for the shared prompt or the index of the only sequence it belongs to
+            (None: one plain causal sequence).
+        position_ids: per token (None: `0 .. len - 1`).
+    """
+
+    input_ids: tuple[int, ...]
+    reads: tuple[Read, ...]
+    branches: tuple[int, ...] | None = None
+    position_ids: tuple[int, ...] | None = None
+
+
+def _read(sequence: ScoredSequence, where) -> Read:
+    """`sequence`'s read, its positions mapped through `where` (sequence position -> row position)."""
+    start, end = sequence.span
+    if sequence.kind == "logit_diff":
+        return Read("logit_diff", (where(start - 1),), tuple(sequence.tokens), sequence.sign)
+    ids = sequence.input_ids
+    return Read("logprob", tuple(where(p - 1) for p in range(start, end)), tuple(ids[start:end]), sequence.sign)
+
+
+def sequence_row(sequence: ScoredSequence) -> ScoringRow:
+    """One scored sequence as its own row."""
+    return ScoringRow(tuple(sequence.input_ids), (_read(sequence, lambda position: position),))
+
+
+def _shared_length(sequences: Sequence[ScoredSequence]) -> int:
+    """Tokens every sequence starts with."""
+    first = sequences[0].input_ids
+    for length in range(min(len(s.input_ids) for s in sequences)):
+        if any(s.input_ids[length] != first[length] for s in sequences):
+            return length
+    return min(len(s.input_ids) for s in sequences)
+
+
+def packed_row(sequences: Sequence[ScoredSequence]) -> ScoringRow:
+    """Sequences that start alike as one row: the shared tokens once, then each remainder on its own branch.
+
+    A read at a shared position stays there (its logits depend on the shared tokens only, the same in every
+    sequence); a read past it moves onto its sequence's branch.
+    """
+    shared = _shared_length(sequences)
+    ids, branches, positions = list(sequences[0].input_ids[:shared]), [-1] * shared, list(range(shared))
+    reads = []
+    for branch, sequence in enumerate(sequences):
+        offset = len(ids)
+        ids += sequence.input_ids[shared:]
+        branches += [branch] * (len(sequence.input_ids) - shared)
+        positions += range(shared, len(sequence.input_ids))
+        reads.append(_read(sequence, lambda p, offset=offset: p if p < shared else offset + p - shared))
+    return ScoringRow(tuple(ids), tuple(reads), tuple(branches), tuple(positions))
+
+
+def item_rows(item: Item, pack: bool) -> list[ScoringRow]:
+    """The rows scoring `item`'s propensity: one packed row (`pack`, with a shared prompt), else one per sequence."""
+    sequences = [sequence for sequence in item.sequences if sequence.sign != 0]
+    if pack and len(sequences) > 1 and _shared_length(sequences) > 0:
+        return [packed_row(sequences)]
+    return [sequence_row(sequence) for sequence in sequences]
+
+
+@dataclass
+class RowBatch:
+    """Padded model inputs of rows: a 2-D padding mask for plain rows, a 4-D mask and position ids once any row is packed."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
+
+    def repeat_rows(self, repeats: int) -> RowBatch:
+        """Each row `repeats` times in a row (the layout of `torch.repeat_interleave`)."""
+        def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.repeat_interleave(repeats, 0)
+        return RowBatch(repeat(self.input_ids), repeat(self.attention_mask), repeat(self.position_ids))
+
+    def to(self, device: torch.device) -> RowBatch:
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+        return RowBatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids))
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        return inputs if self.position_ids is None else {**inputs, "position_ids": self.position_ids}
+
+
+def batch_rows(rows: Sequence[ScoringRow], pad_id: int, mask_dtype: torch.dtype = torch.float32) -> RowBatch:
+    """Right-pads rows into model inputs.
+
+    With no packed row the inputs are the usual `input_ids` and 2-D `attention_mask`. Otherwise the mask is
+    4-D and additive (`[batch, 1, width, width]`, 0 where a token may attend, the dtype's minimum where not,
+    in `mask_dtype`, the dtype of the model's activations): causal, blind to padding, and blind across branches;
+    a padding token attends to itself only, so no softmax row is empty.
+    """
+    width = max(len(row.input_ids) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, : len(row.input_ids)] = torch.as_tensor(row.input_ids)
+        real[index, : len(row.input_ids)] = True
+    if all(row.branches is None for row in rows):
+        return RowBatch(ids, real.long())
+    branches = torch.full((len(rows), width), -2, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        length = len(row.input_ids)
+        branches[index, :length] = torch.as_tensor(row.branches) if row.branches is not None else -1
+        positions[index, :length] = torch.as_tensor(row.position_ids) if row.position_ids is not None else torch.arange(length)
+    order = torch.arange(width)
+    causal = order[:, None] >= order[None, :]
+    same_branch = (branches[:, None, :] == -1) | (branches[:, None, :] == branches[:, :, None])
+    allowed = (causal & same_branch & real[:, None, :]) | torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros((len(rows), 1, width, width), dtype=mask_dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+    return RowBatch(ids, mask, positions)
+
+
+def read_positions(rows: Sequence[ScoringRow], width: int) -> torch.Tensor:
+    """Whether each position of a `width`-wide batch of `rows` is read by some row."""
+    needed = torch.zeros(width, dtype=torch.bool)
+    for row in rows:
+        for read in row.reads:
+            needed[list(read.positions)] = True
+    return needed
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM (or the model a PEFT wrapper forwards to) takes `logits_to_keep`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def scored_logits(model: nn.Module, batch: RowBatch, rows: Sequence[ScoringRow]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions the rows' reads use, and the column of each position in them.
+
+    Only the positions some row reads (the one before each scored token) are projected onto the
+    vocabulary, through transformers' `logits_to_keep`: the language-model head and the
+    log-softmax are a large part of a small model's forward (SmolLM2-135M: a 49k vocabulary over a
+    576-wide state), and the scored span is a fraction of each sequence. Models without
+    `logits_to_keep` return every position (`column` is then the identity).
+
+    Returns:
+        `(logits [batch, kept, vocab], column [width])` with `column[p]` the index of position `p` in
+        `logits` (`-1` where not kept).
+
+    Example:
+
+    ```python
+    >>> rows = [row for item in items for row in item_rows(item, pack=True)]
+    >>> logits, column = scored_logits(model, batch_rows(rows, tok.pad_token_id), rows)
+    >>> row_scores(logits, column, rows)  # each row's signed share of its item's propensity
+    ```
+    """
+    model = unsteered(model)
+    width = batch.input_ids.shape[1]
+    if not _accepts_logits_to_keep(model):
+        return model(**batch.model_inputs(), use_cache=False).logits, torch.arange(width)
+    keep = read_positions(rows, width).nonzero().squeeze(1)
+    column = torch.full((width,), -1, dtype=torch.long)
+    column[keep] = torch.arange(len(keep))
+    logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=keep.to(batch.input_ids.device)).logits
+    return logits, column
+
+
+def row_scores(logits: torch.Tensor, column: torch.Tensor, rows: Sequence[ScoringRow]) -> torch.Tensor:
+    """Each row's signed sum of its reads' scores (its share of its item's propensity).
+
+    Args:
+        logits: `[batch, kept, vocab]`, the logits at the kept positions.
+        column: `column[p]`, the index of position `p` in `logits` (see `w2s_hf.training.scoring.scored_logits`).
+    """
+    scores = torch.zeros(len(rows))
+    for index, row in enumerate(rows):
+        for read in row.reads:
+            position_logits = logits[index, column[list(read.positions)].to(logits.device)].float()
+            if read.kind == "logit_diff":
+                score = position_logits[0, read.targets[0]] - position_logits[0, read.targets[1]]
+            else:
+                targets = torch.as_tensor(read.targets, device=position_logits.device)[:, None]
+                score = torch.log_softmax(position_logits, -1).gather(-1, targets).mean()
+            scores[index] += read.sign * score.item()
+    return scores
+
+
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's hidden states: that of its first floating-point weights (the input embeddings)."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
+def _takes_position_ids(model: nn.Module) -> bool:
+    """Whether `model`'s forward passes `position_ids` on to a transformers model that takes them."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    outer = inspect.signature(model.forward).parameters
+    passes = "position_ids" in outer or any(p.kind is p.VAR_KEYWORD for p in outer.values())
+    return passes and "position_ids" in inspect.signature(inner.forward).parameters
+
+
+def _why_not_packable(model: nn.Module) -> str | None:
+    """What keeps `model` from scoring packed rows, judged from its config and signature (None: nothing)."""
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in PACKABLE_ATTENTION:
+        return (f"its attention implementation {attention!r} is not one of {list(PACKABLE_ATTENTION)} (load it with "
+                "`attn_implementation=\"sdpa\"` to pack)")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "it uses sliding-window attention"
+    if not _takes_position_ids(model):
+        return "its forward takes no `position_ids`"
+    return None
+
+
+def packing_works(model: nn.Module, items: Sequence[Item], pad_id: int, policy: str = "all") -> bool:
+    """Whether to score `items` as packed rows on `model`.
+
+    True when some item has several scored sequences with a shared prompt, the position policy is `all`,
+    the model takes a custom 4-D mask and position ids, and (checked once per model, on up to
+    `PROBE_ITEMS` such items) packed and unpacked scoring agree within float rounding of the model's dtype.
+    """
+    model = unsteered(model)
+    if policy != "all":
+        return False
+    packable = (item for item in items if len(item_rows(item, pack=True)) < len(item_rows(item, pack=False)))
+    probe = list(itertools.islice(packable, PROBE_ITEMS))
+    if not probe:
+        return False
+    if model in _checked:
+        return _checked[model]
+    reason = _why_not_packable(model)
+    if reason is None:
+        reason = _disagreement(model, probe, pad_id)
+    if reason is not None:
+        logger.warning("Scoring each answer in a row of its own, not packed over the shared prompt (same scores, "
+                       "1.2-1.5x slower on SmolLM2-135M): %s.", reason)
+    _checked[model] = reason is None
+    return _checked[model]
+
+
+@torch.inference_mode()
+def _disagreement(model: nn.Module, items: Sequence[Item], pad_id: int) -> str | None:
+    """How packed and unpacked scoring of `items` differ on `model`, unsteered (None: within float rounding)."""
+    dtype = activation_dtype(model)
+    totals = []
+    for pack in (True, False):
+        rows = [row for item in items for row in item_rows(item, pack)]
+        owners = [index for index, item in enumerate(items) for _ in item_rows(item, pack)]
+        batch = batch_rows(rows, pad_id, dtype).to(device_of(model))
+        logits, column = scored_logits(model, batch, rows)
+        total = np.zeros(len(items))
+        np.add.at(total, owners, row_scores(logits, column, rows).numpy())
+        totals.append(total)
+    tolerance = max(1e-4, 64 * torch.finfo(dtype).eps)  # float32: 1e-4; SmolLM2-135M's packed rows are within 3e-6
+    gap = float(np.abs(totals[0] - totals[1]).max())
+    if gap > tolerance * (1 + float(np.abs(totals[1]).max())):
+        return f"packed rows score {gap:.3g} away from separate ones on this model (tolerance {tolerance:.3g})"
+    return None
