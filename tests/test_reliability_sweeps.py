@@ -165,13 +165,20 @@ def test_sigkilled_sweep_resumes_to_the_same_result_without_recomputing(tmp_path
 # ------------------------------------------------------------ cache integrity (issue 23)
 
 
-def _toy_sweep(cache_dir=None, vectors=None, batch_size: int = 4, multipliers=(-1.0, 0.0, 1.0)) -> dict:
+def _toy_sweep(cache_dir=None, vectors=None, batch_size: int = 4, multipliers=(-1.0, 0.0, 1.0), layers=None) -> dict:
     """A cached sweep of the toy statements on the tiny llama (3 chunks of 2 items at batch size 4)."""
     model, tokenizer = make_model("llama"), make_tokenizer()
     items = [build_item(e, "statement", tokenizer, INFO) for e in toy_examples()]
     vectors = torch.randn(NUM_LAYERS, 32, generator=torch.Generator().manual_seed(3)) if vectors is None else vectors
-    return layer_sweep(model, items, vectors, 0, multipliers=multipliers, batch_size=batch_size, progress=False,
-                       cache_dir=cache_dir)
+    return layer_sweep(model, items, vectors, 0, layers=layers, multipliers=multipliers, batch_size=batch_size,
+                       progress=False, cache_dir=cache_dir)
+
+
+def count_llama_forwards(monkeypatch) -> list:
+    """A list that gains one entry per tiny-llama forward from now on."""
+    forwards, forward = [], LlamaForCausalLM.forward
+    monkeypatch.setattr(LlamaForCausalLM, "forward", lambda *args, **kwargs: forwards.append(1) or forward(*args, **kwargs))
+    return forwards
 
 
 def _unit_of_another_sweep(unit: Path, tmp_path: Path) -> None:
@@ -254,11 +261,35 @@ def test_a_resume_with_another_batch_size_computes_only_the_missing_items(tmp_pa
     reference = _toy_sweep(None)
     _toy_sweep(tmp_path)
     sorted(tmp_path.glob("chunk*.npy"))[2].unlink()  # one layer of two items (the chunks of batch size 4)
-    forwards, forward = [], LlamaForCausalLM.forward
-    monkeypatch.setattr(LlamaForCausalLM, "forward", lambda *args, **kwargs: forwards.append(1) or forward(*args, **kwargs))
+    forwards = count_llama_forwards(monkeypatch)
     resumed = _toy_sweep(tmp_path, batch_size=2)  # chunks of one item
     np.testing.assert_allclose(resumed["propensity"], reference["propensity"], rtol=1e-5, atol=1e-6)
     assert len(forwards) == 2 * 2, "two one-item chunks, each an unsteered forward and one steered layer"
+
+
+def test_a_sweep_given_more_layers_computes_only_the_new_ones(tmp_path, monkeypatch):
+    reference = _toy_sweep(None)
+    _toy_sweep(tmp_path, layers=[0, 2])
+    forwards = count_llama_forwards(monkeypatch)
+    extended = _toy_sweep(tmp_path)
+    assert extended["layers"] == list(range(NUM_LAYERS))
+    np.testing.assert_allclose(extended["propensity"], reference["propensity"], rtol=1e-5, atol=1e-6)
+    assert len(forwards) == 3 * (1 + 2), "three chunks, each an unsteered forward and the two new layers"
+    forwards.clear()
+    np.testing.assert_array_equal(_toy_sweep(tmp_path, layers=[1, 2])["propensity"], reference["propensity"][:, 1:3])
+    assert not forwards, "a subset of the finished layers is read from the cache"
+
+
+def test_a_cache_whose_manifest_names_its_layers_resumes(tmp_path, monkeypatch):
+    """Manifests written before the layers left the fingerprint name them: their finished units still count."""
+    fingerprint = sweep_module._fingerprint
+    monkeypatch.setattr(sweep_module, "_fingerprint", lambda *args: {**fingerprint(*args), "layers": [0, 1, 2, 3]})
+    reference = _toy_sweep(tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["layers"] == [0, 1, 2, 3]
+    monkeypatch.setattr(sweep_module, "_fingerprint", fingerprint)
+    forwards = count_llama_forwards(monkeypatch)
+    np.testing.assert_array_equal(_toy_sweep(tmp_path)["propensity"], reference["propensity"])
+    assert not forwards
 
 
 def test_a_cache_of_another_sweep_names_its_folder_and_the_way_out(tmp_path):

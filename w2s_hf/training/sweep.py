@@ -4,7 +4,7 @@ The sweep scores every (sample, layer, multiplier) triple. Multipliers are batch
 forward pass, the unsteered multiplier 0 is computed once and shared by all layers, the hidden
 states below the steered layer are reused from that unsteered pass instead of being recomputed, an
 item's answers are scored in one row over their shared prompt (`w2s_hf.training.rows`), and every finished (chunk, layer) is written to a checked cache file, so a killed sweep restarts where it
-stopped and recomputes nothing it had finished, with the same or another batch size.
+stopped and recomputes nothing it had finished, with the same or another batch size, or with more layers.
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ missing units with the vectors it is given.
 """
 
 
+IGNORED_MANIFEST_KEYS = ("vectors_sha256", "layers")
+"""Manifest entries not compared by name: the vectors (compared within `VECTOR_TOLERANCE`), and the swept layers that
+manifests written before 2026-11-29 name (a unit holds one layer whichever others are swept)."""
+
+
 def unit_key(start: int, stop: int, layer: int) -> str:
     """Name of the cache unit holding `layer`'s propensities of the items at positions `start:stop` of the length order."""
     return f"chunk{start}-{stop}-layer{layer}"
@@ -101,7 +106,7 @@ def _vectors_differ(stored: np.ndarray, vectors: np.ndarray) -> str | None:
 class SweepCache:
     """Sweep results on disk, resumable and checked on every read.
 
-    The folder holds `manifest.json` (what identifies the sweep: items, layers, multipliers, policy, the
+    The folder holds `manifest.json` (what identifies the sweep: items, multipliers, policy, the
     caller's `cache_key`, and the sha256 of the steering vectors, stored beside it as
     `vectors-<sha>.npy`), one `.npy` per finished unit (`unit_key`: one layer of a range of items), and
     `records/<unit>.json` per unit: the sweep's id (sha256 of the manifest), the unit's own key, shape, dtype
@@ -110,8 +115,8 @@ class SweepCache:
     A unit is used only if its record belongs to this sweep and its bytes, shape, dtype and values
     (finite) check out; otherwise it is named in a warning and computed again. Units are keyed by item
     range, not by batch: a sweep resumed with another batch size assembles its chunks from the units of
-    any earlier chunking (`rows`), and steering vectors that moved only by float noise (`VECTOR_TOLERANCE`)
-    keep the cached sweep.
+    any earlier chunking (`rows`), a sweep given more layers computes only the new ones, and steering vectors
+    that moved only by float noise (`VECTOR_TOLERANCE`) keep the cached sweep.
 
     Args:
         directory: the cache folder (created if missing).
@@ -186,7 +191,7 @@ class SweepCache:
             return None
 
     def _check_same_sweep(self, stored: dict, manifest: dict, vectors: np.ndarray) -> None:
-        differ = [name for name in sorted(set(stored) | set(manifest)) if name != "vectors_sha256"
+        differ = [name for name in sorted(set(stored) | set(manifest)) if name not in IGNORED_MANIFEST_KEYS
                   and stored.get(name) != manifest.get(name)]
         if stored.get("vectors_sha256") != manifest["vectors_sha256"]:
             cached = self._stored_vectors(str(stored.get("vectors_sha256")))
@@ -275,14 +280,18 @@ def _scoring_rows(items: Sequence[Item], indices: Sequence[int], pack: bool) -> 
     return [(i, row) for i in indices for row in item_rows(items[i], pack)]
 
 
-def _fingerprint(items: Sequence[Item], layers, multipliers, policy, extra) -> dict:
-    """What identifies a sweep, its vectors apart (`SweepCache` compares those within a tolerance)."""
+def _fingerprint(items: Sequence[Item], multipliers, policy, extra) -> dict:
+    """What identifies a sweep, its vectors and layers apart.
+
+    `SweepCache` compares the vectors within a tolerance. The layers are not part of it: a unit holds one layer,
+    computed the same whichever other layers are swept, so a sweep given more layers keeps its finished ones.
+    """
     digest = hashlib.sha256()
     for item in items:
         for seq in item.sequences:
             digest.update(np.asarray(seq.input_ids, dtype=np.int64).tobytes())
-    return {"items": digest.hexdigest(), "n": len(items), "layers": list(layers), "multipliers": list(multipliers),
-            "policy": policy, **(extra or {})}
+    return {"items": digest.hexdigest(), "n": len(items), "multipliers": list(multipliers), "policy": policy,
+            **(extra or {})}
 
 
 def layer_sweep(
@@ -351,7 +360,7 @@ def layer_sweep(
         raise ValueError("A sharded sweep needs `cache_dir`: the shards are merged through the cache.")
     cache = None
     if cache_dir is not None:
-        cache = SweepCache(cache_dir, _fingerprint(items, layers, multipliers, policy, cache_key),
+        cache = SweepCache(cache_dir, _fingerprint(items, multipliers, policy, cache_key),
                            vectors.detach().float().cpu().numpy())
     device, dtype = device_of(model), activation_dtype(model)
     pack = packing_works(model, items, pad_id, policy)
