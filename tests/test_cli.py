@@ -311,3 +311,10 @@ def test_a_bad_gguf_file_in_a_local_folder_is_named(case, tiny_folder, tmp_path,
         assert "--gguf-file" in err and "other.Q4.gguf" in err
     if case == "empty":
         assert "empty" in err
+
+
+def test_the_protocol_help_names_the_default_every_behavior_gets(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--protocol {ab,statement,answer} how propensity is scored (default: answer, whose router reads" in help_text

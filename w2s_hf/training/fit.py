@@ -95,8 +95,9 @@ class FitConfig:
 
     behavior: str = option(help="MWE behavior (a <behavior>.jsonl in the data folder), or the run's name with "
                                 "your own dataset", cli=("--behavior",))
-    protocol: str | None = option(None, help="how propensity is scored (default: statement for persona behaviors, "
-                                             "answer otherwise)", choices=list(PROTOCOLS))
+    protocol: str | None = option(None, help="how propensity is scored (default: answer, whose router reads the "
+                                             "prompt only, as in generate; statement's router also reads the scored "
+                                             "statement)", choices=list(PROTOCOLS))
     encoder: dict = option(lambda: dict(DEFAULT_ENCODER_SPEC), cli=(),
                            help="prompt-encoder spec the router reads (CLI: --encoder, --encoder-model, "
                                 "--internal-layer)")
