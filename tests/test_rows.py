@@ -11,6 +11,7 @@ from helpers import NUM_LAYERS, make_model, make_tokenizer
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from training_helpers import INFO, toy_answer_examples
+from transformers import FalconConfig, FalconForCausalLM, LlamaForCausalLM
 
 from w2s_hf.interventions import AdditiveIntervention
 from w2s_hf.steering import SteeringEngine, SteeringRoute
@@ -18,6 +19,7 @@ from w2s_hf.training import rows as rows_module
 from w2s_hf.training.protocols import Item, ScoredSequence, build_item
 from w2s_hf.training.rows import (
     batch_rows,
+    could_pack,
     item_rows,
     packed_row,
     packing_works,
@@ -69,6 +71,16 @@ def test_packed_answers_score_like_separate_sequences(family, wrapper):
         logits, column = scored_logits(model, batch, packed)
     scores = row_scores(logits, column, packed).numpy()
     np.testing.assert_allclose(scores, [separate_propensity(model, item) for item in items], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_packed_answers_in_bfloat16_score_like_separate_sequences_in_bfloat16(family):
+    model, tokenizer = make_model(family).to(torch.bfloat16), make_tokenizer()
+    items = answer_items(tokenizer)
+    assert packing_works(model, items, 0), "the model types the tests cover are packed in bfloat16 too"
+    propensity = score_propensities(model, SteeringEngine(model), None, items,
+                                    [(i, None, 0.0) for i in range(len(items))], 0, batch_size=4)
+    np.testing.assert_allclose(propensity, [separate_propensity(model, item) for item in items], atol=2e-3)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -163,14 +175,34 @@ class NoPositionIds(DropsPositionIds):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
 
 
-@pytest.mark.parametrize("wrapper", [DropsPositionIds, NoPositionIds])
-def test_a_model_that_cannot_score_packed_rows_falls_back_and_says_so(wrapper, caplog):
-    model, tokenizer = make_model("gpt2"), make_tokenizer()  # learned positions: wrong ones move the scores by ~1e-2
-    scorer, items = wrapper(model), answer_items(tokenizer)
+def alibi_falcon() -> FalconForCausalLM:
+    """A tiny Falcon with ALiBi: it passes the static checks, but builds its position biases from a 2-D mask."""
+    torch.manual_seed(0)
+    return FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          alibi=True, new_decoder_architecture=False, multi_query=False,
+                                          pad_token_id=0)).eval()
+
+
+CANNOT_PACK = {
+    "drops position ids": (lambda: DropsPositionIds(make_model("gpt2")), "packed rows score up to"),
+    "drops position ids, bfloat16": (lambda: DropsPositionIds(make_model("gpt2").to(torch.bfloat16)),
+                                     "cannot tell a wrong packed row from rounding"),
+    "takes no position ids": (lambda: NoPositionIds(make_model("gpt2")), "takes no `position_ids`"),
+    "ALiBi": (alibi_falcon, "FalconForCausalLM fails on packed rows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CANNOT_PACK))
+def test_a_model_that_cannot_score_packed_rows_falls_back_and_says_so(case, caplog):
+    """GPT-2 has learned positions: wrong ones move its scores by ~1e-2, which float32 tells from rounding."""
+    build, reason = CANNOT_PACK[case]
+    scorer, items = build(), answer_items(make_tokenizer())
+    model = getattr(scorer, "inner", scorer)
     with caplog.at_level(logging.WARNING, logger="w2s_hf.training.rows"):
         assert not packing_works(scorer, items, 0)
-    reason = "packed rows score" if wrapper is DropsPositionIds else "takes no `position_ids`"
-    assert "Scoring each answer in a row of its own" in caplog.text and reason in caplog.text
+        assert not packing_works(scorer, items, 0)
+    assert caplog.text.count("Scoring each answer in a row of its own") == 1, "one warning per model and reason"
+    assert reason in caplog.text
     propensity = score_propensities(scorer, SteeringEngine(model), None, items,
                                     [(i, None, 0.0) for i in range(len(items))], 0, batch_size=4)
     np.testing.assert_allclose(propensity, [separate_propensity(model, item) for item in items], rtol=1e-4, atol=1e-4)
@@ -183,3 +215,25 @@ def test_packing_needs_the_all_position_policy_and_several_answers():
     one_answer = [Item(item.routing_ids, item.sequences[:1]) for item in items]
     assert not packing_works(model, one_answer, 0)
     assert packing_works(model, items, 0)
+
+
+def test_a_model_switched_to_an_unpackable_attention_is_checked_again():
+    model, items = make_model("llama"), answer_items(make_tokenizer())
+    assert packing_works(model, items, 0)
+    model.set_attn_implementation("flex_attention")
+    assert not could_pack(model, items) and not packing_works(model, items, 0)
+    model.set_attn_implementation("eager")
+    assert packing_works(model, items, 0)
+
+
+def test_a_finished_answer_sweep_runs_no_forward(tmp_path, monkeypatch):
+    """Reading a finished sweep back needs no check of packing either (it runs the model)."""
+    model, items = make_model("llama"), answer_items(make_tokenizer())
+    vectors = torch.randn(NUM_LAYERS, 32, generator=torch.Generator().manual_seed(2))
+    finished = layer_sweep(model, items, vectors, 0, multipliers=(-1.0, 0.0, 1.0), batch_size=4, progress=False,
+                           cache_dir=tmp_path)
+    monkeypatch.setattr(rows_module, "_checked", type(rows_module._checked)())  # a new process: nothing checked yet
+    monkeypatch.setattr(LlamaForCausalLM, "forward", lambda *args, **kwargs: pytest.fail("ran the model"))
+    again = layer_sweep(model, items, vectors, 0, multipliers=(-1.0, 0.0, 1.0), batch_size=4, progress=False,
+                        cache_dir=tmp_path)
+    np.testing.assert_array_equal(again["propensity"], finished["propensity"])

@@ -34,6 +34,7 @@ from .rows import (
     ScoringRow,
     activation_dtype,
     batch_rows,
+    could_pack,
     item_rows,
     packing_works,
     row_scores,
@@ -325,7 +326,10 @@ def layer_sweep(
             (input-dependent steering, e.g. the L2S oracle vectors of `w2s_hf.training.fit_l2s.oracle_vectors`).
         layers: layers to sweep (default: all).
         multipliers: steering multipliers; 0 is scored once and shared by every layer.
-        batch_size: rows per steered forward (chunk size = batch_size // number of steered multipliers).
+        batch_size: rows per steered forward: chunk size = batch_size // (steered multipliers × rows per item:
+            1 when an item's answers are packed over their prompt, `w2s_hf.training.rows`, else one per
+            scored sequence). A packed row is longer than one answer's row and comes with a 4-D mask
+            (`[rows, 1, width, width]`), so on a GPU a batch size tuned before packing may need lowering.
         policy: position policy (`"all"` in the W2S protocols).
         cache_dir: folder for resumable results (see `SweepCache`: every unit is checked on reading, and
             a resume with another `batch_size` reuses every finished unit); `cache_key` adds to the
@@ -363,10 +367,17 @@ def layer_sweep(
         cache = SweepCache(cache_dir, _fingerprint(items, multipliers, policy, cache_key),
                            vectors.detach().float().cpu().numpy())
     device, dtype = device_of(model), activation_dtype(model)
-    pack = packing_works(model, items, pad_id, policy)
-    rows_per_item = max(len(item_rows(item, pack)) for item in items)
-    chunk_size = max(1, batch_size // max(1, len(steered) * rows_per_item))
     order = sorted(range(len(items)), key=lambda i: len(items[i].routing_ids))
+
+    def chunk_size_for(pack: bool) -> int:
+        rows_per_item = max(len(item_rows(item, pack)) for item in items)
+        return max(1, batch_size // max(1, len(steered) * rows_per_item))
+
+    pack = could_pack(model, items, policy)
+    chunk_size = chunk_size_for(pack)
+    if pack and (cache is None or _anything_missing(cache, layers, len(order), chunk_size, len(multipliers))):
+        pack = packing_works(model, items, pad_id, policy)  # runs the model once per model: not for a finished sweep
+        chunk_size = chunk_size_for(pack)
     propensity = np.zeros((len(items), len(layers), len(multipliers)))
     starts = range(0, len(order), chunk_size)
     bar = tqdm(total=len(starts) * len(layers), desc="layer sweep", disable=not progress)
@@ -425,6 +436,12 @@ def layer_sweep(
         "layers": layers,
         "multipliers": multipliers,
     }
+
+
+def _anything_missing(cache: SweepCache, layers: Sequence[int], count: int, chunk_size: int, width: int) -> bool:
+    """Whether some layer of some chunk of `count` items is not in `cache` yet (the units found stay loaded)."""
+    return any(cache.rows(layer, start, min(start + chunk_size, count), width) is None
+               for start in range(0, count, chunk_size) for layer in layers)
 
 
 def data_parallel_layer_sweep(model: nn.Module, items: Sequence[Item], vectors: torch.Tensor, pad_id: int, *,
