@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -34,17 +35,21 @@ def answer_items(tokenizer) -> list[Item]:
     return [build_item(example, "answer", tokenizer, INFO) for example in toy_answer_examples()]
 
 
+def sequence_score(model, sequence: ScoredSequence, steer=None) -> float:
+    """Oracle: one scored sequence alone, unpadded, batch 1, from every position's logits (`steer`: a context for its forward)."""
+    ids = torch.tensor([sequence.input_ids])
+    with torch.no_grad(), (steer() if steer else nullcontext()):
+        logits = model(input_ids=ids).logits[0].float()
+    start, end = sequence.span
+    if sequence.kind == "logit_diff":
+        return float(logits[start - 1, sequence.tokens[0]] - logits[start - 1, sequence.tokens[1]])
+    log_probs = torch.log_softmax(logits[start - 1 : end - 1], -1)
+    return float(log_probs.gather(-1, ids[0, start:end, None]).mean())
+
+
 def separate_propensity(model, item: Item, steer=None) -> float:
-    """Oracle: each scored sequence alone, unpadded, batch 1, every position's logits (`steer`: a context per forward)."""
-    total = 0.0
-    for sequence in item.sequences:
-        ids = torch.tensor([sequence.input_ids])
-        with torch.no_grad(), (steer() if steer else torch.no_grad()):
-            logits = model(input_ids=ids).logits[0].float()
-        start, end = sequence.span
-        log_probs = torch.log_softmax(logits[start - 1 : end - 1], -1)
-        total += sequence.sign * float(log_probs.gather(-1, ids[0, start:end, None]).mean())
-    return total
+    """Oracle: the signed sum of the item's sequences, each scored alone."""
+    return sum(sequence.sign * sequence_score(model, sequence, steer) for sequence in item.sequences if sequence.sign)
 
 
 @pytest.fixture(autouse=True)
@@ -120,17 +125,7 @@ def test_sequences_sharing_more_than_the_prompt_or_ending_inside_it():
     with torch.no_grad():
         logits, column = scored_logits(model, batch_rows([row], 0), [row])
         score = float(row_scores(logits, column, [row])[0])
-    oracle = 0.0
-    for sequence in sequences:
-        ids = torch.tensor([sequence.input_ids])
-        with torch.no_grad():
-            full = model(input_ids=ids).logits[0].float()
-        start, end = sequence.span
-        if sequence.kind == "logit_diff":
-            oracle += sequence.sign * float(full[start - 1, sequence.tokens[0]] - full[start - 1, sequence.tokens[1]])
-        else:
-            log_probs = torch.log_softmax(full[start - 1 : end - 1], -1)
-            oracle += sequence.sign * float(log_probs.gather(-1, ids[0, start:end, None]).mean())
+    oracle = sum(sequence.sign * sequence_score(model, sequence) for sequence in sequences)
     assert score == pytest.approx(oracle, rel=1e-4, abs=1e-4)
 
 
@@ -142,20 +137,9 @@ def test_a_padded_batch_of_packed_and_plain_rows_scores_each_row_alone():
         logits, column = scored_logits(model, batch_rows(mixed, 0), mixed)
     scores = row_scores(logits, column, mixed).numpy()
     expected = [separate_propensity(model, items[0])]
-    expected += [s.sign * v for s, v in zip(items[1].sequences, _sequence_scores(model, items[1]))]
+    expected += [sequence.sign * sequence_score(model, sequence) for sequence in items[1].sequences]
     expected += [separate_propensity(model, items[2])]
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
-
-
-def _sequence_scores(model, item: Item) -> list[float]:
-    scores = []
-    for sequence in item.sequences:
-        ids = torch.tensor([sequence.input_ids])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].float()
-        start, end = sequence.span
-        scores.append(float(torch.log_softmax(logits[start - 1 : end - 1], -1).gather(-1, ids[0, start:end, None]).mean()))
-    return scores
 
 
 class DropsPositionIds(nn.Module):
