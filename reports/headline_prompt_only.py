@@ -5,7 +5,8 @@ It re-tabulates the fit reports on record; it runs no model:
 * prompt only (router_input `prompt`, protocol `answer`): per behavior, the largest fit on record (most test
   examples, then most layers swept) among the five advanced-AI-risk behaviors of `reports/mwe-smollm2/bundles/`
   (40/40, 5 layers), the eight persona behaviors as Yes/No answers of `reports/mwe-smollm2-answer/bundles/`
-  (60/60, 10 layers) and the larger runs of `reports/mwe-smollm2-100/bundles/` (100/100, 10 layers);
+  (60/60, 10 layers) and the larger runs of `reports/mwe-smollm2-100/bundles/` (100/100, 10 layers) and
+  `reports/mwe-smollm2-20layers/bundles/` (100/100, 20 layers);
 * scoring-time (router_input `prompt+scored`, protocol `statement`): the eight persona behaviors of
   `reports/mwe-smollm2/bundles/`, listed as `<behavior> (statement)`.
 
@@ -22,7 +23,8 @@ from w2s_hf.defaults import DEFAULT_BASE_MODEL
 from w2s_hf.training.report import behavior_entry, load_fit_reports, write_report
 
 REPORTS = Path(__file__).resolve().parent
-HEADLINE, PERSONA_ANSWER, LARGER = REPORTS / "mwe-smollm2", REPORTS / "mwe-smollm2-answer", REPORTS / "mwe-smollm2-100"
+HEADLINE, PERSONA_ANSWER = REPORTS / "mwe-smollm2", REPORTS / "mwe-smollm2-answer"
+LARGER = (REPORTS / "mwe-smollm2-100", REPORTS / "mwe-smollm2-20layers")
 
 
 def scale(report: dict) -> tuple[int, int]:
@@ -33,13 +35,13 @@ def scale(report: dict) -> tuple[int, int]:
 def main() -> None:
     own = load_fit_reports(HEADLINE / "bundles")
     prompt_only = {name: report for name, report in own.items() if report["protocol"] != "statement"}
-    for folder in (PERSONA_ANSWER, LARGER):
+    for folder in (PERSONA_ANSWER, *LARGER):
         for name, report in load_fit_reports(folder / "bundles").items():
             if name not in prompt_only or scale(report) > scale(prompt_only[name]):
                 prompt_only[name] = report
     scoring_time = {f"{name} (statement)": report for name, report in own.items() if report["protocol"] == "statement"}
     assert len(prompt_only) == 13 and all(report["protocol"] == "answer" for report in prompt_only.values())
-    commands = [line for folder in (HEADLINE, PERSONA_ANSWER, LARGER)
+    commands = [line for folder in (HEADLINE, PERSONA_ANSWER, *LARGER)
                 for line in (folder / "commands.log").read_text().splitlines() if line.strip()]
     stamp = time.strftime("%Y-%m-%d %H:%M")
     commands.append(f"{stamp} | re-tabulated, no model run | python reports/headline_prompt_only.py")
