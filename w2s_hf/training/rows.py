@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..layers import unsteered
+from ..layers import unsteered, unwrap_base_model
 from .capture import device_of
 from .protocols import Item, ScoredSequence
 
@@ -197,8 +197,7 @@ def read_positions(rows: Sequence[ScoringRow], width: int) -> torch.Tensor:
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the causal LM (or the model a PEFT wrapper forwards to) takes `logits_to_keep`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrap_base_model(model).forward).parameters
 
 
 def scored_logits(model: nn.Module, batch: RowBatch, rows: Sequence[ScoringRow]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,10 +259,9 @@ def activation_dtype(model: nn.Module) -> torch.dtype:
 
 def _takes_position_ids(model: nn.Module) -> bool:
     """Whether `model`'s forward passes `position_ids` on to a transformers model that takes them."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     outer = inspect.signature(model.forward).parameters
     passes = "position_ids" in outer or any(p.kind is p.VAR_KEYWORD for p in outer.values())
-    return passes and "position_ids" in inspect.signature(inner.forward).parameters
+    return passes and "position_ids" in inspect.signature(unwrap_base_model(model).forward).parameters
 
 
 def _why_not_packable(model: nn.Module) -> str | None:
@@ -277,8 +275,7 @@ def _why_not_packable(model: nn.Module) -> str | None:
         return "it uses sliding-window attention"
     if not _takes_position_ids(model):
         return "its forward takes no `position_ids`"
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tested = isinstance(inner, PreTrainedModel) and getattr(config, "model_type", None) in LOW_PRECISION_MODEL_TYPES
+    tested = isinstance(unwrap_base_model(model), PreTrainedModel) and getattr(config, "model_type", None) in LOW_PRECISION_MODEL_TYPES
     if activation_dtype(model) != torch.float32 and not tested:
         return (f"in {activation_dtype(model)} the check against unpacked scoring cannot tell a wrong packed row from "
                 f"rounding, and packing is tested in it only on transformers' {list(LOW_PRECISION_MODEL_TYPES)} models")
@@ -326,8 +323,9 @@ def _disagreement(model: nn.Module, items: Sequence[Item], pad_id: int) -> str |
     dtype = activation_dtype(model)
     totals = []
     for pack in (True, False):
-        rows = [row for item in items for row in item_rows(item, pack)]
-        owners = [index for index, item in enumerate(items) for _ in item_rows(item, pack)]
+        per_item = [item_rows(item, pack) for item in items]
+        rows = [row for own_rows in per_item for row in own_rows]
+        owners = [index for index, own_rows in enumerate(per_item) for _ in own_rows]
         batch = batch_rows(rows, pad_id, dtype).to(device_of(model))
         try:
             logits, column = scored_logits(model, batch, rows)

@@ -3,8 +3,9 @@
 The sweep scores every (sample, layer, multiplier) triple. Multipliers are batched as rows of one
 forward pass, the unsteered multiplier 0 is computed once and shared by all layers, the hidden
 states below the steered layer are reused from that unsteered pass instead of being recomputed, an
-item's answers are scored in one row over their shared prompt (`w2s_hf.training.rows`), and every finished (chunk, layer) is written to a checked cache file, so a killed sweep restarts where it
-stopped and recomputes nothing it had finished, with the same or another batch size, or with more layers.
+item's answers are scored in one row over their shared prompt (`w2s_hf.training.rows`), and every
+finished (chunk, layer) is written to a checked cache file, so a killed sweep restarts where it stopped
+and recomputes nothing it had finished, with the same or another batch size, or with more layers.
 """
 
 from __future__ import annotations
