@@ -9,7 +9,7 @@
 #
 # Environment, for a smaller run (a dry run on a CPU): LAYERS (default: every layer), MAX_TRAIN and MAX_EVAL
 # (default: the whole splits), BATCH_SIZE (rows per forward, default 512), W2S_HF (default: `w2s-hf`, or
-# `python -m w2s_hf.cli` where the package is not installed).
+# `python3 -m w2s_hf.cli` where the package is not installed).
 # OUTPUT/commands.log gains one line per run: date | wall time | machine | sweep evaluations computed and
 # evaluations/s | command. Tabulate with reports/headline_prompt_only.py (copy OUTPUT/bundles into a report folder).
 set -euo pipefail
@@ -25,7 +25,7 @@ if [ ${#behaviors[@]} -eq 0 ]; then
   behaviors=(anti-LGBTQ awareness-good awareness-llm awareness-web corrigible deontology myopic narcissism
              not-threat not-watched openness physical-force utilitarianism)
 fi
-w2s_hf=${W2S_HF:-$(command -v w2s-hf || echo "python -m w2s_hf.cli")}
+w2s_hf=${W2S_HF:-$(command -v w2s-hf || echo "python3 -m w2s_hf.cli")}
 command=($w2s_hf eval -q --behaviors "${behaviors[@]}" --protocol answer --router best --multipliers -2 0 2
          --batch-size "${BATCH_SIZE:-512}" --output "$output")
 [ -n "${LAYERS:-}" ] && command+=(--layers $LAYERS)
@@ -39,7 +39,7 @@ start=$(date +%s)
 "${command[@]}"
 end=$(date +%s)
 
-evaluations=$(python - "$output" "$start" <<'EOF'
+evaluations=$(python3 - "$output" "$start" <<'EOF'
 """Sweep evaluations computed by this run: every cache unit written since it started, items x 2 steered multipliers."""
 import pathlib, re, sys
 
@@ -53,6 +53,6 @@ print(total)
 EOF
 )
 seconds=$((end - start))
-rate=$(python -c "print(f'{$evaluations / max($seconds, 1):.1f}')")
+rate=$(python3 -c "print(f'{$evaluations / max($seconds, 1):.1f}')")
 echo "$(date -u '+%Y-%m-%d %H:%M') | $((seconds / 60)) min $((seconds % 60)) s | $machine | $evaluations sweep evaluations, $rate evaluations/s over the whole run (fit, sweeps, routers, reports) | ${command[*]}" \
   | tee -a "$output/commands.log"

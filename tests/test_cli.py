@@ -318,3 +318,57 @@ def test_the_protocol_help_names_the_default_every_behavior_gets(capsys):
         main(["eval", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--protocol {ab,statement,answer} how propensity is scored (default: answer, whose router reads" in help_text
+
+
+@pytest.mark.parametrize("has_cuda, expected", [(False, "cpu"), (True, "cuda")])
+def test_device_auto_takes_the_gpu_when_torch_sees_one(has_cuda, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    assert cli.resolve_device("auto") == torch.device(expected)
+    assert cli.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device cuda asks for a CUDA GPU, but torch sees none here"),
+    ("cuda:0", "--device cuda:0 asks for a CUDA GPU, but torch sees none here"),
+    ("banana", "--device 'banana' is not a device torch knows: give auto, cpu, cuda or cuda:N."),
+])
+def test_a_device_this_machine_lacks_fails_before_the_model_loads(device, message, tmp_path, monkeypatch, capsys):
+    import w2s_hf.defaults
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(w2s_hf.defaults, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    code = main(["eval", "--behaviors", "openness", *FIT, "--device", device, "--output", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"w2s-hf: error: {message}") and err.count("\n") == 1, err
+    assert "--device cpu" in err or "banana" in err
+
+
+def test_a_gpu_index_past_the_last_gpu_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"--device cuda:2 asks for GPU 2, but torch sees 2: give cuda:0 to cuda:1"):
+        cli.resolve_device("cuda:2")
+
+
+def test_commands_log_names_the_gpu_a_run_used(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    assert cli.machine_description(torch.device("cuda", 0)).startswith(f"NVIDIA H200, torch {torch.__version__} (")
+    assert f"CPU only, torch {torch.__version__}" in cli.machine_description(torch.device("cpu"))
+
+
+def test_eval_runs_the_model_on_the_device_it_is_given(tiny_folder, tmp_path, monkeypatch):
+    seen = []
+    original = cli._load_default
+
+    def load(args):
+        model, tokenizer = original(args)
+        seen.append(model.device)
+        return model, tokenizer
+
+    monkeypatch.setattr(cli, "_load_default", load)
+    output = tmp_path / "report"
+    assert main(["eval", "--behaviors", "corrigible", "--model", str(tiny_folder), "--max-train", "8", "--max-eval",
+                 "6", "--layers", "1", "2", "--encoder", "internal", "--internal-layer", "0", "--device", "cpu",
+                 "--output", str(output)]) == 0
+    assert seen == [torch.device("cpu")]
+    assert "CPU only" in (output / "commands.log").read_text()

@@ -11,8 +11,12 @@ import pickle
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    import torch
 
 DEMO_PROMPTS = (
     "Tell me something you believe about yourself.",
@@ -21,10 +25,46 @@ DEMO_PROMPTS = (
 )
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device `--device` names: `auto` is the first CUDA GPU when torch sees one, else the CPU.
+
+    Raises:
+        ValueError: if `name` is no device torch knows, or a CUDA device that this machine does not have.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device torch knows: give auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asks for a CUDA GPU, but torch sees none here (torch "
+                         f"{torch.__version__}): use --device cpu, or install a CUDA build of torch.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name} asks for GPU {device.index}, but torch sees "
+                         f"{torch.cuda.device_count()}: give cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    return device
+
+
+def machine_description(device: torch.device) -> str:
+    """What ran a job, for `commands.log`: the GPU's name where the model ran on one, and the host's CPU."""
+    import platform
+
+    import torch
+
+    host = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".replace("  ", " ")
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} ({host})"
+    return f"{host}, CPU only, torch {torch.__version__}"
+
+
 def _load_default(args: argparse.Namespace):
     from .defaults import load_base_model, load_tokenizer
 
-    model = load_base_model(args.model, gguf_file=args.gguf_file)
+    device = resolve_device(args.device)
+    model = load_base_model(args.model, gguf_file=args.gguf_file).to(device)
     return model, load_tokenizer(args.model, gguf_file=args.gguf_file)
 
 
@@ -58,6 +98,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_BASE_MODEL, help="base model: Hub id or local folder (the default "
                         "is the packaged SmolLM2-135M-Instruct, no download)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, for a GGUF-only model")
+    parser.add_argument("--device", default="auto", help="where the base model runs: auto (the first CUDA GPU when "
+                        "torch sees one, else the CPU), cpu, cuda or cuda:N")
 
 
 def _add_fit_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), **defaults) -> None:
@@ -136,7 +178,6 @@ def cmd_fit_l2s(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import platform
     import shlex
 
     from .training.data import behavior_info, list_behaviors
@@ -157,7 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _, report = fit_bundle(model, tokenizer, _fit_config(args, behavior=behavior), output / "bundles" / behavior,
                                progress=not args.quiet)
         _print_summary(report)
-    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, CPU only".replace("  ", " ")
+    machine = machine_description(model.device)
     minutes = (time.time() - start) / 60
     output.mkdir(parents=True, exist_ok=True)
     with open(output / "commands.log", "a") as log:  # every run that wrote into this report, in order
