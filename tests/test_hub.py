@@ -245,3 +245,17 @@ def test_a_sentence_transformers_encoder_on_the_hub_keeps_its_own_pooling(hub, t
     with torch.no_grad():
         expected = torch.nn.functional.normalize(encoder.model(**batch).last_hidden_state[:, 0], dim=-1)
     torch.testing.assert_close(encoder.encode_texts(PROMPTS), expected)
+
+
+def test_a_source_checkout_run_without_installing_reads_the_card_template_from_the_repository(w2s, monkeypatch):
+    """`python -m w2s_hf.cli` from a clone that was never `pip install`ed has no `w2s_hf.hub_cards` package (it is
+    mapped from the top-level `hub_cards/` only by the install); the card must render the same from the repository."""
+    import w2s_hf.bundle.card as card_module
+
+    installed = render_model_card(w2s.bundle)
+
+    def not_installed(package):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    monkeypatch.setattr(card_module, "files", not_installed)
+    assert render_model_card(w2s.bundle) == installed

@@ -153,6 +153,15 @@ def _plots_section(plots: Sequence[str]) -> str:
     return f"\n## Plots\n\n{images}\n"
 
 
+def card_template() -> str:
+    """The model card template: packaged as `w2s_hf.hub_cards` by `pip install`; in a source checkout run without
+    installing (`python -m w2s_hf.cli` from the repository), read from the repository's top-level `hub_cards/`."""
+    try:
+        return (files("w2s_hf.hub_cards") / "model_card.md").read_text()
+    except ModuleNotFoundError:
+        return (Path(__file__).resolve().parents[2] / "hub_cards" / "model_card.md").read_text()
+
+
 def render_model_card(bundle: SteeringBundle, repo_id: str | None = None, plots: Sequence[str] = ()) -> str:
     """Renders the bundle's model card (YAML metadata + markdown).
 
@@ -170,7 +179,7 @@ def render_model_card(bundle: SteeringBundle, repo_id: str | None = None, plots:
     ```
     """
     config = bundle.config
-    template = (files("w2s_hf.hub_cards") / "model_card.md").read_text()
+    template = card_template()
     candidates = bundle.tensors.get(f"{PREDICTOR_PREFIX}candidate_layers")
     base = config.base_model.name_or_path
     on_hub = is_hub_id(base)
