@@ -372,3 +372,25 @@ def test_eval_runs_the_model_on_the_device_it_is_given(tiny_folder, tmp_path, mo
                  "--output", str(output)]) == 0
     assert seen == [torch.device("cpu")]
     assert "CPU only" in (output / "commands.log").read_text()
+
+
+def test_running_out_of_device_memory_says_to_lower_the_batch_size(monkeypatch, capsys):
+    def fail(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.72 GiB. GPU 0 has a total capacity of "
+                                     "139.80 GiB of which 3.38 GiB is free.")
+
+    monkeypatch.setattr(cli, "cmd_generate", fail)
+    assert main(["generate", "some/bundle"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("w2s-hf: error: the device ran out of memory (CUDA out of memory. Tried to allocate "
+                          "14.72 GiB). Give a smaller --batch-size") and err.count("\n") == 1, err
+    assert "finished sweep units are kept" in err and "Traceback" not in err
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+    def fail(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_generate", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["generate", "some/bundle"])

@@ -469,6 +469,20 @@ def _user_error_message(err: BaseException) -> str:
     return " ".join(str(message).split())
 
 
+def _is_out_of_memory(err: RuntimeError) -> bool:
+    import torch
+
+    return isinstance(err, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+
+def _out_of_memory_message(err: RuntimeError) -> str:
+    """One line for a device that ran out of memory: what torch said, and the way out (finished work is kept)."""
+    said = " ".join(str(err).split()).split(". GPU ")[0]
+    return (f"the device ran out of memory ({said}). Give a smaller --batch-size (it bounds the rows of every forward; "
+            "the language-model head's logits grow with rows x answer positions x vocabulary), or free the device's "
+            "memory. Run the same command again: finished sweep units are kept and read back.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -479,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:  # bad input, or a file or model that is not there: one line (programming errors traceback)
         print(f"w2s-hf: error: {_user_error_message(err)}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if not _is_out_of_memory(err):
+            raise
+        print(f"w2s-hf: error: {_out_of_memory_message(err)}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
