@@ -257,6 +257,21 @@ def test_a_resume_with_another_batch_size_reuses_every_finished_unit(batch_size,
     np.testing.assert_array_equal(resumed["propensity"], reference["propensity"])
 
 
+def test_a_sweep_begun_on_another_device_resumes_but_other_vectors_do_not(tmp_path, monkeypatch):
+    """CPU and H200 float32 CAA vectors of the same items differ by up to 6.4e-5 (element + RMS measure): a sweep
+    begun on the GPU finishes on the CPU. Vectors scaled by 1.001 are another sweep."""
+    vectors = torch.randn(NUM_LAYERS, 32, generator=torch.Generator().manual_seed(3))
+    reference = _toy_sweep(tmp_path, vectors=vectors)
+    rms = vectors.pow(2).mean(-1, keepdim=True).sqrt()
+    signs = torch.randint(0, 2, vectors.shape, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    other_device = vectors + signs * 6.4e-5 * (vectors.abs() + rms)
+    forwards = count_llama_forwards(monkeypatch)
+    np.testing.assert_array_equal(_toy_sweep(tmp_path, vectors=other_device)["propensity"], reference["propensity"])
+    assert not forwards
+    with pytest.raises(ValueError, match="another sweep"):
+        _toy_sweep(tmp_path, vectors=vectors * 1.001)
+
+
 def test_a_resume_with_another_batch_size_computes_only_the_missing_items(tmp_path, monkeypatch):
     reference = _toy_sweep(None)
     _toy_sweep(tmp_path)
