@@ -9,7 +9,10 @@
 #
 # Environment, for a smaller run (a dry run on a CPU): LAYERS (default: every layer), MAX_TRAIN and MAX_EVAL
 # (default: the whole splits), BATCH_SIZE (rows per forward, default 512), W2S_HF (default: `w2s-hf`, or
-# `python3 -m w2s_hf.cli` where the package is not installed).
+# `python3 -m w2s_hf.cli` where the package is not installed). The model runs on the GPU when torch sees one
+# (`--device auto`). Memory: a steered forward's logits take rows x answer positions x 49,152 x 4 bytes, 14.7 GiB
+# at 256 rows on awareness-good's long answers; five of these runs side by side at 256 ran an H200 out of memory
+# (bench/RESULTS.md), one alone at 512 needs about twice that.
 # OUTPUT/commands.log gains one line per run: date | wall time | machine | sweep evaluations computed and
 # evaluations/s | command. Tabulate with reports/headline_prompt_only.py (copy OUTPUT/bundles into a report folder).
 set -euo pipefail
