@@ -330,17 +330,28 @@ def test_device_auto_takes_the_gpu_when_torch_sees_one(has_cuda, expected, monke
 @pytest.mark.parametrize("device, message", [
     ("cuda", "--device cuda asks for a CUDA GPU, but torch sees none here"),
     ("cuda:0", "--device cuda:0 asks for a CUDA GPU, but torch sees none here"),
-    ("banana", "--device 'banana' is not a device torch knows: give auto, cpu, cuda or cuda:N."),
+    ("banana", "--device 'banana' is not a device w2s-hf can run on here: give auto, cpu, cuda or cuda:N"),
+    ("meta", "--device 'meta' is not a device w2s-hf can run on here"),
+    ("mps", "--device 'mps' is not a device w2s-hf can run on here"),
 ])
 def test_a_device_this_machine_lacks_fails_before_the_model_loads(device, message, tmp_path, monkeypatch, capsys):
     import w2s_hf.defaults
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(w2s_hf.defaults, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
     code = main(["eval", "--behaviors", "openness", *FIT, "--device", device, "--output", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"w2s-hf: error: {message}") and err.count("\n") == 1, err
-    assert "--device cpu" in err or "banana" in err
+
+
+@pytest.mark.parametrize("cuda_build, fix", [(None, "install a CUDA build of torch"),
+                                             ("13.0", "check CUDA_VISIBLE_DEVICES and the driver")])
+def test_no_gpu_advice_depends_on_whether_torch_is_a_cuda_build(cuda_build, fix, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    with pytest.raises(ValueError, match=fix):
+        cli.resolve_device("cuda")
 
 
 def test_a_gpu_index_past_the_last_gpu_is_named(monkeypatch):
@@ -356,35 +367,62 @@ def test_commands_log_names_the_gpu_a_run_used(monkeypatch):
     assert f"CPU only, torch {torch.__version__}" in cli.machine_description(torch.device("cpu"))
 
 
-def test_eval_runs_the_model_on_the_device_it_is_given(tiny_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("has_cuda, device, expected", [
+    (True, "auto", {"device_map": {"": "cuda"}}), (True, "cuda:1", {"device_map": {"": "cuda:1"}}),
+    (True, "cpu", {}), (False, "auto", {}),
+])
+def test_every_model_loading_command_loads_onto_the_device_it_names(has_cuda, device, expected, tmp_path,
+                                                                   monkeypatch):
+    """fit, eval and demo load the base model with `device_map` onto the GPU (no CPU copy first); generate and
+    fit-l2s pass the same to the bundle's `from_pretrained`."""
+    import w2s_hf.defaults
+    import w2s_hf.training.l2s_bundle
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(w2s_hf.training.l2s_bundle, "read_fit_report", lambda *args, **kwargs: None)
     seen = []
-    original = cli._load_default
 
-    def load(args):
-        model, tokenizer = original(args)
-        seen.append(model.device)
-        return model, tokenizer
+    class Loaded(Exception):
+        pass
 
-    monkeypatch.setattr(cli, "_load_default", load)
-    output = tmp_path / "report"
-    assert main(["eval", "--behaviors", "corrigible", "--model", str(tiny_folder), "--max-train", "8", "--max-eval",
-                 "6", "--layers", "1", "2", "--encoder", "internal", "--internal-layer", "0", "--device", "cpu",
-                 "--output", str(output)]) == 0
-    assert seen == [torch.device("cpu")]
-    assert "CPU only" in (output / "commands.log").read_text()
+    def record(*args, **kwargs):
+        seen.append({key: kwargs[key] for key in ("device_map",) if key in kwargs})
+        raise Loaded
+
+    monkeypatch.setattr(w2s_hf.defaults, "load_base_model", record)
+    monkeypatch.setattr(W2SSteeringModel, "from_pretrained", record)
+    output = str(tmp_path / "out")
+    commands = [["eval", "--behaviors", "openness", *FIT, "--output", output],
+                ["fit", "--behavior", "openness", *FIT, "--output", output],
+                ["demo", "--output", output], ["generate", "some/bundle"], ["fit-l2s", "some/fit", "--output", output]]
+    for command in commands:
+        with pytest.raises(Loaded):
+            main([*command, "--device", device])
+    assert seen == [expected] * len(commands)
 
 
-def test_running_out_of_device_memory_says_to_lower_the_batch_size(monkeypatch, capsys):
-    def fail(args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.72 GiB. GPU 0 has a total capacity of "
-                                     "139.80 GiB of which 3.38 GiB is free.")
+def _out_of_memory(args):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.72 GiB. GPU 0 has a total capacity of "
+                                 "139.80 GiB of which 3.38 GiB is free.")
 
-    monkeypatch.setattr(cli, "cmd_generate", fail)
-    assert main(["generate", "some/bundle"]) == 3
+
+def test_running_out_of_device_memory_in_a_sweep_says_to_lower_the_batch_size(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "cmd_eval", _out_of_memory)
+    assert main(["eval", "--behaviors", "openness", "--output", str(tmp_path / "r")]) == 3
     err = capsys.readouterr().err
     assert err.startswith("w2s-hf: error: the device ran out of memory (CUDA out of memory. Tried to allocate "
                           "14.72 GiB). Give a smaller --batch-size") and err.count("\n") == 1, err
     assert "finished sweep units are kept" in err and "Traceback" not in err
+
+
+def test_running_out_of_device_memory_in_generate_names_no_option_it_lacks(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "cmd_generate", _out_of_memory)
+    assert main(["generate", "some/bundle"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("w2s-hf: error: the device ran out of memory (CUDA out of memory. Tried to allocate "
+                          "14.72 GiB). Free the device's memory") and err.count("\n") == 1, err
+    assert "--batch-size" not in err and "sweep" not in err
 
 
 def test_other_runtime_errors_keep_their_traceback(monkeypatch):

@@ -29,7 +29,8 @@ def resolve_device(name: str) -> torch.device:
     """The device `--device` names: `auto` is the first CUDA GPU when torch sees one, else the CPU.
 
     Raises:
-        ValueError: if `name` is no device torch knows, or a CUDA device that this machine does not have.
+        ValueError: if `name` is not `auto`, `cpu`, `cuda`, `cuda:N` (or `mps` where torch sees an Apple GPU), or
+            names a GPU that this machine does not have.
     """
     import torch
 
@@ -38,14 +39,29 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device torch knows: give auto, cpu, cuda or cuda:N.") from None
+        device = None
+    mps = getattr(torch.backends, "mps", None)
+    usable = device is not None and (device == torch.device("cpu") or device.type == "cuda" or (
+        device.type == "mps" and mps is not None and mps.is_available()))
+    if not usable:
+        raise ValueError(f"--device {name!r} is not a device w2s-hf can run on here: give auto, cpu, cuda or cuda:N "
+                         "(or mps on a Mac whose torch sees its GPU).")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asks for a CUDA GPU, but torch sees none here (torch "
-                         f"{torch.__version__}): use --device cpu, or install a CUDA build of torch.")
+        fix = ("install a CUDA build of torch" if torch.version.cuda is None else
+               "this torch is a CUDA build, so check CUDA_VISIBLE_DEVICES and the driver (nvidia-smi)")
+        raise ValueError(f"--device {name} asks for a CUDA GPU, but torch sees none here (torch {torch.__version__}): "
+                         f"use --device cpu, or {fix}.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name} asks for GPU {device.index}, but torch sees "
                          f"{torch.cuda.device_count()}: give cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     return device
+
+
+def placement(name: str) -> dict:
+    """`from_pretrained` keyword arguments that load a model straight onto the device `--device` names (none for
+    the CPU, where models load anyway)."""
+    device = resolve_device(name)
+    return {} if device.type == "cpu" else {"device_map": {"": str(device)}}
 
 
 def machine_description(device: torch.device) -> str:
@@ -63,8 +79,7 @@ def machine_description(device: torch.device) -> str:
 def _load_default(args: argparse.Namespace):
     from .defaults import load_base_model, load_tokenizer
 
-    device = resolve_device(args.device)
-    model = load_base_model(args.model, gguf_file=args.gguf_file).to(device)
+    model = load_base_model(args.model, gguf_file=args.gguf_file, **placement(args.device))
     return model, load_tokenizer(args.model, gguf_file=args.gguf_file)
 
 
@@ -98,6 +113,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_BASE_MODEL, help="base model: Hub id or local folder (the default "
                         "is the packaged SmolLM2-135M-Instruct, no download)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model, for a GGUF-only model")
+    _add_device_arg(parser)
+
+
+def _add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="where the base model runs: auto (the first CUDA GPU when "
                         "torch sees one, else the CPU), cpu, cuda or cuda:N")
 
@@ -165,7 +184,7 @@ def cmd_fit_l2s(args: argparse.Namespace) -> int:
     read_fit_report(args.fit, paired=True)  # a wrong folder fails before the model loads
     check_output_folder(args.output)
     start = time.time()
-    caa = W2SSteeringModel.from_pretrained(args.fit)
+    caa = W2SSteeringModel.from_pretrained(args.fit, **placement(args.device))
     _, report = fit_l2s_bundle(caa.base_model, caa.tokenizer, args.fit, args.output, context_layers=args.context_layers,
                                max_val=args.max_val, progress=not args.quiet)
     choice = report["strength_choice"]
@@ -214,7 +233,7 @@ def _generate_table(model, prompt_ids: list[list[int]], titles: list[str], stren
                     max_new_tokens: int) -> None:
     """Prints, for each prompt, its routed layer and its greedy continuation unsteered and at each strength."""
     tokenizer = model.tokenizer
-    batch = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt")
+    batch = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(model.device)
     layers = model.predict_layers(batch["input_ids"], batch["attention_mask"]).tolist()
     greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with model.disable_steering():
@@ -242,7 +261,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for number, prompt in enumerate(args.prompt or [], 1):  # before the model loads
         if not prompt.strip():
             raise ValueError(f"--prompt {number} is empty; give some text to generate from.")
-    model = W2SSteeringModel.from_pretrained(args.bundle)
+    model = W2SSteeringModel.from_pretrained(args.bundle, **placement(args.device))
     strength = args.strength if args.strength is not None else model.bundle.config.default_strength
     prompts = args.prompt or list(DEMO_PROMPTS)
     _generate_table(model, [_chat_ids(model.tokenizer, prompt) for prompt in prompts], prompts,
@@ -310,7 +329,7 @@ DEMO_PROMPT_COUNT = 3
 
 def _one_prompt_per_layer(model, prompt_ids: list[list[int]], count: int) -> list[int]:
     """Indices of `count` prompts, the first prompt of each distinct routed layer first."""
-    batch = model.tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt")
+    batch = model.tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(model.device)
     layers = model.predict_layers(batch["input_ids"], batch["attention_mask"]).tolist()
     firsts = [layers.index(layer) for layer in dict.fromkeys(layers)]
     rest = [index for index in range(len(layers)) if index not in firsts]
@@ -388,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_l2s.add_argument("--context-layers", type=int, nargs="+", default=None,
                          help="candidate context layers (default: every tenth of the depth up to the middle)")
     fit_l2s.add_argument("--max-val", type=int, default=None, help="at most this many validation examples (default: all)")
+    _add_device_arg(fit_l2s)
     fit_l2s.set_defaults(func=cmd_fit_l2s)
 
     evaluate = sub.add_parser("eval", formatter_class=formatter, parents=[common],
@@ -405,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--strength", type=float, default=None,
                           help="steering strength, shown with both signs (default: the bundle's)")
     generate.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per prompt")
+    _add_device_arg(generate)
     generate.set_defaults(func=cmd_generate)
 
     behaviors = sub.add_parser("behaviors", formatter_class=formatter, parents=[common],
@@ -475,12 +496,15 @@ def _is_out_of_memory(err: RuntimeError) -> bool:
     return isinstance(err, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 
-def _out_of_memory_message(err: RuntimeError) -> str:
-    """One line for a device that ran out of memory: what torch said, and the way out (finished work is kept)."""
+def _out_of_memory_message(err: RuntimeError, args: argparse.Namespace) -> str:
+    """One line for a device that ran out of memory: what torch said, and the way out this command offers."""
     said = " ".join(str(err).split()).split(". GPU ")[0]
-    return (f"the device ran out of memory ({said}). Give a smaller --batch-size (it bounds the rows of every forward; "
-            "the language-model head's logits grow with rows x answer positions x vocabulary), or free the device's "
-            "memory. Run the same command again: finished sweep units are kept and read back.")
+    if hasattr(args, "batch_size"):
+        return (f"the device ran out of memory ({said}). Give a smaller --batch-size (it bounds the rows of every "
+                "forward; the language-model head's logits grow with rows x answer positions x vocabulary), or free "
+                "the device's memory. Run the same command again: finished sweep units are kept and read back.")
+    return (f"the device ran out of memory ({said}). Free the device's memory, use fewer or shorter prompts, or run "
+            "on another device (--device).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         if not _is_out_of_memory(err):
             raise
-        print(f"w2s-hf: error: {_out_of_memory_message(err)}", file=sys.stderr)
+        print(f"w2s-hf: error: {_out_of_memory_message(err, args)}", file=sys.stderr)
         return 3
 
 

@@ -99,6 +99,7 @@ def choose_strength(
     """
     tokenizer = model.tokenizer
     batch = tokenizer.pad({"input_ids": [list(ids) for ids in prompts]}, padding=True, return_tensors="pt")
+    batch = batch.to(model.device)  # generate and the perplexity forward run where the model is
     greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with model.disable_steering():
         reference, reference_distinct = _continuation_stats(model, batch, model.generate(**batch, **greedy))
