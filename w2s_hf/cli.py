@@ -40,9 +40,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         device = None
-    mps = getattr(torch.backends, "mps", None)
     usable = device is not None and (device == torch.device("cpu") or device.type == "cuda" or (
-        device.type == "mps" and mps is not None and mps.is_available()))
+        device.type == "mps" and torch.backends.mps.is_available()))
     if not usable:
         raise ValueError(f"--device {name!r} is not a device w2s-hf can run on here: give auto, cpu, cuda or cuda:N "
                          "(or mps on a Mac whose torch sees its GPU).")
