@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
-from helpers import NUM_LAYERS, make_model, make_tokenizer
+from helpers import HIDDEN, NUM_LAYERS, make_model, make_tokenizer
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from training_helpers import INFO, toy_answer_examples
@@ -24,8 +24,10 @@ from w2s_hf.training.rows import (
     item_rows,
     packed_row,
     packing_works,
+    read_positions,
     row_scores,
     scored_logits,
+    sequence_row,
 )
 from w2s_hf.training.scoring import score_propensities
 from w2s_hf.training.sweep import layer_sweep
@@ -140,6 +142,36 @@ def test_a_padded_batch_of_packed_and_plain_rows_scores_each_row_alone():
     expected += [sequence.sign * sequence_score(model, sequence) for sequence in items[1].sequences]
     expected += [separate_propensity(model, items[2])]
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("wrapper", ["plain", "peft"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_each_row_projects_only_its_own_read_positions(family, wrapper):
+    """Rows of different lengths read different positions: the head sees each row's own, not the batch's union."""
+    model = make_model(family)
+    if wrapper == "peft":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    sequences = [
+        ScoredSequence([5, 6, 7, 8, 9, 10, 11], "logprob", (4, 7), 1.0),
+        ScoredSequence([5, 6, 12, 13], "logprob", (2, 4), -1.0),
+        ScoredSequence([5, 6, 7, 8, 9, 14, 15, 16, 17, 18], "logprob", (8, 10), 0.5),
+        ScoredSequence([5, 19, 20, 21, 22, 23], "logit_diff", (3, 3), 2.0, (24, 25)),
+    ]
+    rows = [sequence_row(sequence) for sequence in sequences]
+    batch = batch_rows(rows, 0)
+    head_inputs = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, output: head_inputs.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            logits, column = scored_logits(model, batch, rows)
+    finally:
+        handle.remove()
+    union = int(read_positions(rows, batch.input_ids.shape[1]).sum())
+    assert union == 7 and head_inputs == [(4, 3, HIDDEN)] and logits.shape[:2] == (4, 3)
+    scores = row_scores(logits, column, rows).numpy()
+    oracle = [sequence.sign * sequence_score(model, sequence) for sequence in sequences]
+    np.testing.assert_allclose(scores, oracle, rtol=1e-4, atol=1e-4)
 
 
 class DropsPositionIds(nn.Module):

@@ -18,7 +18,7 @@ from w2s_hf.training.capture import pad_batch
 from w2s_hf.training.extraction import caa_vectors, class_means
 from w2s_hf.training.metrics import steerability
 from w2s_hf.training.protocols import build_item
-from w2s_hf.training.rows import batch_rows, item_rows, scored_logits
+from w2s_hf.training.rows import batch_rows, item_rows, read_positions, scored_logits
 from w2s_hf.training.scoring import score_propensities
 from w2s_hf.training.sweep import layer_sweep
 
@@ -93,10 +93,12 @@ def test_scored_positions_give_the_full_logits_propensity(family, protocol, wrap
     width = batch.input_ids.shape[1]
     with torch.no_grad():
         logits, column = scored_logits(scorer, batch, rows)
-    kept = int((column >= 0).sum())
-    assert logits.shape[1] == (width if wrapper == "no_logits_to_keep" else kept) and kept <= width
+    own = [sorted({position for read in row.reads for position in read.positions}) for row in rows]
+    union = int(read_positions(rows, width).sum())
+    assert logits.shape[1] == (width if wrapper == "no_logits_to_keep" else max(map(len, own)))
+    assert all((column[index, positions] >= 0).all() for index, positions in enumerate(own))
     if wrapper != "no_logits_to_keep" and protocol != "statement":
-        assert kept < width, "a one-token answer reads one position per row, not the whole sequence"
+        assert logits.shape[1] <= union < width, "a one-token answer reads one position per row, not the whole sequence"
     propensity = score_propensities(scorer, SteeringEngine(model), None, items,
                                     [(i, None, 0.0) for i in range(len(items))], 0, batch_size=4)
     oracle = [full_logits_propensity(model, item) for item in items]

@@ -21,7 +21,8 @@ import inspect
 import itertools
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,23 +196,58 @@ def read_positions(rows: Sequence[ScoringRow], width: int) -> torch.Tensor:
     return needed
 
 
+def _own_positions(row: ScoringRow) -> list[int]:
+    """The positions `row`'s reads use, each once, in order."""
+    return sorted({position for read in row.reads for position in read.positions})
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the causal LM (or the model a PEFT wrapper forwards to) takes `logits_to_keep`."""
     return "logits_to_keep" in inspect.signature(unwrap_base_model(model).forward).parameters
 
 
-def scored_logits(model: nn.Module, batch: RowBatch, rows: Sequence[ScoringRow]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the positions the rows' reads use, and the column of each position in them.
+@contextmanager
+def _head_reads_own_positions(model: nn.Module, kept: int, gather: torch.Tensor) -> Iterator[list[bool]]:
+    """While active, the language-model head projects only each row's own read positions.
 
-    Only the positions some row reads (the one before each scored token) are projected onto the
-    vocabulary, through transformers' `logits_to_keep`: the language-model head and the
-    log-softmax are a large part of a small model's forward (SmolLM2-135M: a 49k vocabulary over a
-    576-wide state), and the scored span is a fraction of each sequence. Models without
-    `logits_to_keep` return every position (`column` is then the identity).
+    The head's input `[batch, kept, hidden]` (the positions `logits_to_keep` kept for the whole batch) becomes
+    `[batch, gather.shape[1], hidden]`, row `b` taking entries `gather[b]` of it: what follows the head in the
+    model's forward (soft-capping, scaling) is per element and unchanged. Yields a one-element list set to True
+    once the head was called so (a model whose head is not its output embeddings, or sees another shape, keeps
+    the whole batch's positions).
+    """
+    done = [False]
+    head = getattr(unwrap_base_model(model), "get_output_embeddings", lambda: None)()
+
+    def take_own(module: nn.Module, args: tuple) -> tuple | None:
+        if done[0] or len(args) != 1 or args[0].dim() != 3 or args[0].shape[:2] != (gather.shape[0], kept):
+            return None
+        done[0] = True
+        hidden = args[0]
+        index = gather.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1])
+        return (hidden.gather(1, index),)
+
+    handle = head.register_forward_pre_hook(take_own) if isinstance(head, nn.Module) else None
+    try:
+        yield done
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def scored_logits(model: nn.Module, batch: RowBatch, rows: Sequence[ScoringRow]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions each row's reads use, and the column of each position in them.
+
+    Only read positions (the one before each scored token) are projected onto the vocabulary: the
+    language-model head and the log-softmax are a large part of a small model's forward (SmolLM2-135M: a 49k
+    vocabulary over a 576-wide state), and the scored span is a fraction of each sequence. transformers'
+    `logits_to_keep` keeps the positions any row reads; a hook on the head then gives each row its own
+    (rows of different lengths read different positions: on long answers the batch's union is several
+    times what one row reads). Models without `logits_to_keep` hand the head every position.
 
     Returns:
-        `(logits [batch, kept, vocab], column [width])` with `column[p]` the index of position `p` in
-        `logits` (`-1` where not kept).
+        `(logits [batch, kept, vocab], column [batch, width])` with `column[b, p]` the index of position `p`
+        in `logits[b]` (`-1` where not kept).
 
     Example:
 
@@ -223,33 +259,77 @@ def scored_logits(model: nn.Module, batch: RowBatch, rows: Sequence[ScoringRow])
     """
     model = unsteered(model)
     width = batch.input_ids.shape[1]
-    if not _accepts_logits_to_keep(model):
-        return model(**batch.model_inputs(), use_cache=False).logits, torch.arange(width)
-    keep = read_positions(rows, width).nonzero().squeeze(1)
-    column = torch.full((width,), -1, dtype=torch.long)
-    column[keep] = torch.arange(len(keep))
-    logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=keep.to(batch.input_ids.device)).logits
+    keep_some = _accepts_logits_to_keep(model)
+    keep = read_positions(rows, width).nonzero().squeeze(1) if keep_some else torch.arange(width)
+    slot = torch.full((width,), -1, dtype=torch.long)
+    slot[keep] = torch.arange(len(keep))
+    own = [_own_positions(row) for row in rows]
+    gather = torch.zeros((len(rows), max(map(len, own))), dtype=torch.long)
+    column = torch.full((len(rows), width), -1, dtype=torch.long)
+    for index, positions in enumerate(own):
+        gather[index] = slot[positions[0]]
+        gather[index, : len(positions)] = slot[positions]
+        column[index, positions] = torch.arange(len(positions))
+    inputs = batch.model_inputs()
+    if keep_some:
+        inputs["logits_to_keep"] = keep.to(batch.input_ids.device)
+    narrower = gather.shape[1] < len(keep)
+    with _head_reads_own_positions(model, len(keep), gather) if narrower else nullcontext([False]) as gathered:
+        logits = model(**inputs, use_cache=False).logits
+    if not gathered[0]:
+        column = slot.expand(len(rows), width)
     return logits, column
 
 
 def row_scores(logits: torch.Tensor, column: torch.Tensor, rows: Sequence[ScoringRow]) -> torch.Tensor:
-    """Each row's signed sum of its reads' scores (its share of its item's propensity).
+    """Each row's signed sum of its reads' scores (its share of its item's propensity), on the CPU.
+
+    The reads of all rows are scored together on the logits' device: one log-softmax over every read
+    position, no per-read synchronisation.
 
     Args:
         logits: `[batch, kept, vocab]`, the logits at the kept positions.
-        column: `column[p]`, the index of position `p` in `logits` (see `scored_logits`).
+        column: `[batch, width]`, `column[b, p]` the index of position `p` in `logits[b]` (see `scored_logits`).
     """
-    scores = torch.zeros(len(rows))
+    columns = column.cpu().numpy()
+    owners, signs, lengths = [], [], []
+    picked_rows, picked_columns, targets, reads_of = [], [], [], []
+    diff_rows, diff_columns, diff_targets, diff_reads = [], [], [], []
     for index, row in enumerate(rows):
         for read in row.reads:
-            position_logits = logits[index, column[list(read.positions)].to(logits.device)].float()
+            number = len(owners)
+            owners.append(index)
+            signs.append(read.sign)
             if read.kind == "logit_diff":
-                score = position_logits[0, read.targets[0]] - position_logits[0, read.targets[1]]
+                lengths.append(1)
+                diff_rows.append(index)
+                diff_columns.append(columns[index, read.positions[0]])
+                diff_targets.append(read.targets[:2])
+                diff_reads.append(number)
             else:
-                targets = torch.as_tensor(read.targets, device=position_logits.device)[:, None]
-                score = torch.log_softmax(position_logits, -1).gather(-1, targets).mean()
-            scores[index] += read.sign * score.item()
-    return scores
+                lengths.append(len(read.positions))
+                picked_rows += [index] * len(read.positions)
+                picked_columns += [columns[index, position] for position in read.positions]
+                targets += read.targets
+                reads_of += [number] * len(read.positions)
+    device = logits.device
+
+    def indices(values: list) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
+
+    read_scores = torch.zeros(len(owners), device=device)
+    if picked_rows:
+        position_logits = logits[indices(picked_rows), indices(picked_columns)].float()
+        log_probs = torch.log_softmax(position_logits, -1).gather(-1, indices(targets)[:, None]).squeeze(1)
+        read_scores.index_add_(0, indices(reads_of), log_probs)
+    if diff_rows:
+        position_logits = logits[indices(diff_rows), indices(diff_columns)].float()
+        pairs = indices(diff_targets)
+        differences = position_logits.gather(-1, pairs[:, :1]) - position_logits.gather(-1, pairs[:, 1:])
+        read_scores.index_add_(0, indices(diff_reads), differences.squeeze(1))
+    weights = torch.as_tensor(signs, device=device) / torch.as_tensor(lengths, dtype=torch.float32, device=device)
+    scores = torch.zeros(len(rows), device=device).index_add_(0, indices(owners), read_scores * weights)
+    return scores.cpu()
 
 
 def activation_dtype(model: nn.Module) -> torch.dtype:
