@@ -7,7 +7,8 @@ import torch
 from helpers import make_model, make_tokenizer
 
 from w2s_hf.training.fit import FitConfig, evaluate_policies, fit_bundle
-from w2s_hf.training.router_fit import fit_router
+from w2s_hf.training import router_fit
+from w2s_hf.training.router_fit import CVReport, fit_router, gain_over_fixed
 
 GRID = {"lr": [1e-2], "hidden_dim": [16], "num_hidden_layers": [1], "weight_decay": [0.0]}
 LAYERS = [0, 3, 6, 9]
@@ -87,6 +88,27 @@ def test_fallback_to_fixed_drops_a_router_that_does_not_beat_the_fixed_layer():
     assert router.predictor is None and router.chosen_k == 1 and router.predictors[1] is not None
     config.fallback_to_fixed = False
     assert fit_router(embeddings, steerability, LAYERS, 12, config, progress=False).predictor is not None
+
+
+@pytest.mark.parametrize("fold_gains, ships", [
+    ([0.05, -0.04, 0.03, -0.02, 0.0], False),  # ahead by 0.004 on the mean, 0.016 standard error: noise
+    ([0.05, 0.04, 0.06, 0.05, 0.05], True),  # ahead by 0.05 in every fold
+])
+def test_a_router_ships_only_when_its_cv_gain_exceeds_one_standard_error(monkeypatch, fold_gains, ships):
+    embeddings, steerability = _two_groups()
+    fixed = [0.5, 0.6, 0.55, 0.45, 0.5]
+    cv = CVReport(results=[], best_config={}, best_score=float(np.mean(np.add(fixed, fold_gains))), best_accuracy=0.5,
+                  fixed_score=float(np.mean(fixed)), fixed_score_std=0.0, fixed_layers=[3] * 5, n_folds=5,
+                  best_fold_scores=list(np.add(fixed, fold_gains)), fixed_fold_scores=fixed)
+    gain, stderr = gain_over_fixed(cv.to_dict())
+    differences = np.asarray(fold_gains)
+    assert gain == pytest.approx(differences.mean()) and gain > 0
+    assert stderr == pytest.approx(np.sqrt(((differences - differences.mean()) ** 2).sum() / 4 / 5))
+    predictor = object()
+    monkeypatch.setattr(router_fit, "fit_layer_predictor", lambda *args, **kwargs: (predictor, cv))
+    config = FitConfig("toy", smoothing_k=(1,), cv_grid=GRID, router="classifier")
+    router = fit_router(embeddings, steerability, LAYERS, 12, config, progress=False)
+    assert (router.shipped, router.predictor) == (("top1", predictor) if ships else (None, None))
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -115,7 +115,8 @@ class FitConfig:
     batch_size: int = option(32, help="forward-pass batch size (a resumed fit may change it)", type=int)
     seed: int = option(0, help="seed of the train/val/test split and the router", type=int)
     fallback_to_fixed: bool = option(True, action=argparse.BooleanOptionalAction,
-                                     help="ship the fixed layer when cross-validation says the router is no better")
+                                     help="ship the fixed layer unless the router beats it in cross-validation by more "
+                                          "than one standard error of the fold-wise gain")
     variants: tuple[str, ...] = option(("BASE",), nargs="+", choices=list(PROMPT_VARIANTS),
                                        help="prompt variants evaluated on the test split (the SYS/USER ones are OOD); "
                                             "training always uses BASE")
