@@ -19,6 +19,7 @@ from w2s_hf.steering import SteeringEngine, SteeringRoute
 from w2s_hf.training import rows as rows_module
 from w2s_hf.training.protocols import Item, ScoredSequence, build_item
 from w2s_hf.training.rows import (
+    ScoringRow,
     batch_rows,
     could_pack,
     item_rows,
@@ -172,6 +173,30 @@ def test_each_row_projects_only_its_own_read_positions(family, wrapper):
     scores = row_scores(logits, column, rows).numpy()
     oracle = [sequence.sign * sequence_score(model, sequence) for sequence in sequences]
     np.testing.assert_allclose(scores, oracle, rtol=1e-4, atol=1e-4)
+
+
+def test_row_scores_of_a_row_without_reads_and_of_numpy_signs():
+    """A row that reads nothing scores 0; signs from numpy count like Python floats; the scores repeat exactly."""
+    model = make_model("llama")
+    scored = ScoredSequence([5, 6, 7, 8], "logprob", (2, 4), np.float64(-1.5))
+    rows = [sequence_row(scored), ScoringRow((5, 6, 7), ())]
+    with torch.no_grad():
+        logits, column = scored_logits(model, batch_rows(rows, 0), rows)
+    scores = row_scores(logits, column, rows)
+    assert scores.dtype == torch.float32 and float(scores[1]) == 0.0
+    assert float(scores[0]) == pytest.approx(-1.5 * sequence_score(model, scored), rel=1e-5)
+    assert torch.equal(scores, row_scores(logits, column, rows))
+
+
+def test_row_scores_take_the_log_softmax_in_blocks(monkeypatch):
+    """Bounded memory: the log-softmax runs `SCORE_BLOCK` read positions at a time, with the same scores."""
+    model, tokenizer = make_model("qwen2"), make_tokenizer()
+    rows = [row for item in answer_items(tokenizer) for row in item_rows(item, pack=True)]
+    with torch.no_grad():
+        logits, column = scored_logits(model, batch_rows(rows, 0), rows)
+    whole = row_scores(logits, column, rows)
+    monkeypatch.setattr(rows_module, "SCORE_BLOCK", 3)
+    np.testing.assert_allclose(row_scores(logits, column, rows).numpy(), whole.numpy(), rtol=1e-6, atol=1e-6)
 
 
 class DropsPositionIds(nn.Module):

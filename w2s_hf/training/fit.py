@@ -325,7 +325,7 @@ def fit_bundle(
             "multipliers": list(config.multipliers),
             "smoothing_k": best_k,
             "seed": config.seed,
-            "router": router.shipped or "fixed (no router beat the fixed layer in CV)",
+            "router": router.shipped or "fixed (no router beat the fixed layer in CV by more than one standard error)",
             "router_input": router_input,
             "extraction": config.extraction,
             "predicted_layer_counts": predicted_counts,

@@ -398,7 +398,8 @@ def fit_router(
     says which ships (`best`: the higher CV score). With `config.fallback_to_fixed` the fixed layer ships instead
     unless the router's fold-wise gain over it exceeds one standard error (`gain_over_fixed`): the best of many
     grid points and router kinds is picked on the same folds, so a gain inside the folds' noise is not one
-    (a router 0.001 ahead in CV lost 17 % on a test split, `reports/router-kinds-full/`).
+    (a router 0.001 ahead in CV lost 17 % on a test split, `reports/router-kinds-full/`). Only the kind that
+    `config.router` picks is held to that margin: with `best`, a kind of lower CV mean is not shipped instead.
 
     Args:
         embeddings (`[N, D]`): prompt embeddings of the train items.

@@ -217,7 +217,10 @@ def _head_reads_own_positions(model: nn.Module, kept: int, gather: torch.Tensor)
     the whole batch's positions).
     """
     done = [False]
-    head = getattr(unwrap_base_model(model), "get_output_embeddings", lambda: None)()
+    try:
+        head = unwrap_base_model(model).get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # a custom model without a findable head keeps the union
+        head = None
 
     def take_own(module: nn.Module, args: tuple) -> tuple | None:
         if done[0] or len(args) != 1 or args[0].dim() != 3 or args[0].shape[:2] != (gather.shape[0], kept):
@@ -264,12 +267,13 @@ def scored_logits(model: nn.Module, batch: RowBatch, rows: Sequence[ScoringRow])
     slot = torch.full((width,), -1, dtype=torch.long)
     slot[keep] = torch.arange(len(keep))
     own = [_own_positions(row) for row in rows]
-    gather = torch.zeros((len(rows), max(map(len, own))), dtype=torch.long)
+    gather = torch.zeros((len(rows), max(map(len, own), default=0)), dtype=torch.long)
     column = torch.full((len(rows), width), -1, dtype=torch.long)
     for index, positions in enumerate(own):
-        gather[index] = slot[positions[0]]
-        gather[index, : len(positions)] = slot[positions]
-        column[index, positions] = torch.arange(len(positions))
+        if positions:
+            gather[index] = slot[positions[0]]
+            gather[index, : len(positions)] = slot[positions]
+            column[index, positions] = torch.arange(len(positions))
     inputs = batch.model_inputs()
     if keep_some:
         inputs["logits_to_keep"] = keep.to(batch.input_ids.device)
@@ -281,55 +285,65 @@ def scored_logits(model: nn.Module, batch: RowBatch, rows: Sequence[ScoringRow])
     return logits, column
 
 
+SCORE_BLOCK = 512
+"""Read positions whose log-softmax `row_scores` takes at once: bounds its float32 copies to
+`SCORE_BLOCK x vocabulary` (100 MB for a 49k vocabulary), whatever the batch."""
+
+
 def row_scores(logits: torch.Tensor, column: torch.Tensor, rows: Sequence[ScoringRow]) -> torch.Tensor:
     """Each row's signed sum of its reads' scores (its share of its item's propensity), on the CPU.
 
-    The reads of all rows are scored together on the logits' device: one log-softmax over every read
-    position, no per-read synchronisation.
+    Every read position of the batch is scored on the logits' device without a per-read synchronisation (a
+    log-probability as the target's logit minus the log-sum-exp, `SCORE_BLOCK` positions at a time), and
+    each row sums its own entries along a padded axis, in a fixed order: the same scores on every run.
 
     Args:
         logits: `[batch, kept, vocab]`, the logits at the kept positions.
         column: `[batch, width]`, `column[b, p]` the index of position `p` in `logits[b]` (see `scored_logits`).
     """
     columns = column.cpu().numpy()
-    owners, signs, lengths = [], [], []
-    picked_rows, picked_columns, targets, reads_of = [], [], [], []
-    diff_rows, diff_columns, diff_targets, diff_reads = [], [], [], []
+    entries = {"logprob": ([], [], [], []), "logit_diff": ([], [], [], [])}  # rows, columns, targets, weights
+    entries_of_row = []
     for index, row in enumerate(rows):
+        own = []
         for read in row.reads:
-            number = len(owners)
-            owners.append(index)
-            signs.append(read.sign)
-            if read.kind == "logit_diff":
-                lengths.append(1)
-                diff_rows.append(index)
-                diff_columns.append(columns[index, read.positions[0]])
-                diff_targets.append(read.targets[:2])
-                diff_reads.append(number)
-            else:
-                lengths.append(len(read.positions))
-                picked_rows += [index] * len(read.positions)
-                picked_columns += [columns[index, position] for position in read.positions]
-                targets += read.targets
-                reads_of += [number] * len(read.positions)
+            rows_of, columns_of, targets_of, weights_of = entries[read.kind]
+            pairs = ([(read.positions[0], read.targets[:2])] if read.kind == "logit_diff"
+                     else list(zip(read.positions, read.targets)))
+            for position, target in pairs:
+                own.append((read.kind, len(rows_of)))
+                rows_of.append(index)
+                columns_of.append(columns[index, position])
+                targets_of.append(target)
+                weights_of.append(float(read.sign) / len(pairs))
+        entries_of_row.append(own)
     device = logits.device
 
     def indices(values: list) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
 
-    read_scores = torch.zeros(len(owners), device=device)
-    if picked_rows:
-        position_logits = logits[indices(picked_rows), indices(picked_columns)].float()
-        log_probs = torch.log_softmax(position_logits, -1).gather(-1, indices(targets)[:, None]).squeeze(1)
-        read_scores.index_add_(0, indices(reads_of), log_probs)
-    if diff_rows:
-        position_logits = logits[indices(diff_rows), indices(diff_columns)].float()
-        pairs = indices(diff_targets)
-        differences = position_logits.gather(-1, pairs[:, :1]) - position_logits.gather(-1, pairs[:, 1:])
-        read_scores.index_add_(0, indices(diff_reads), differences.squeeze(1))
-    weights = torch.as_tensor(signs, device=device) / torch.as_tensor(lengths, dtype=torch.float32, device=device)
-    scores = torch.zeros(len(rows), device=device).index_add_(0, indices(owners), read_scores * weights)
-    return scores.cpu()
+    rows_of, columns_of, targets_of, _ = entries["logprob"]
+    logprob = torch.zeros(len(rows_of), device=device)
+    for start in range(0, len(rows_of), SCORE_BLOCK):
+        block = slice(start, start + SCORE_BLOCK)
+        position_logits = logits[indices(rows_of[block]), indices(columns_of[block])].float()
+        target = position_logits.gather(-1, indices(targets_of[block])[:, None]).squeeze(1)
+        logprob[block] = target - torch.logsumexp(position_logits, -1)
+    rows_of, columns_of, targets_of, _ = entries["logit_diff"]
+    difference = torch.zeros(len(rows_of), device=device)
+    if rows_of:
+        position_logits = logits[indices(rows_of), indices(columns_of)].float()
+        pairs = indices(targets_of)
+        difference = (position_logits.gather(-1, pairs[:, :1]) - position_logits.gather(-1, pairs[:, 1:])).squeeze(1)
+    weights = entries["logprob"][3] + entries["logit_diff"][3] + [0.0]
+    weighted = torch.cat([logprob, difference, torch.zeros(1, device=device)])
+    weighted = weighted * torch.as_tensor(weights, dtype=torch.float32, device=device)
+    offset = {"logprob": 0, "logit_diff": len(logprob)}
+    slots = np.full((len(rows), max(map(len, entries_of_row), default=0)), len(weights) - 1, dtype=np.int64)
+    for index, own in enumerate(entries_of_row):
+        for slot, (kind, number) in enumerate(own):
+            slots[index, slot] = offset[kind] + number
+    return weighted[indices(slots)].sum(-1).cpu()
 
 
 def activation_dtype(model: nn.Module) -> torch.dtype:
