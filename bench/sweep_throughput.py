@@ -3,11 +3,12 @@
 Naive = one forward per (sample, layer, multiplier) at batch 1, scored from every position's logits,
 as a straightforward implementation would do. Fast = `w2s_hf.training.sweep.layer_sweep` (multiplier 0 shared
 by all layers, multipliers batched as rows, blocks below the steered layer replayed from one unsteered
-pass, logits only at the scored positions, an item's answers packed into one row over their shared
-prompt). Both score the same evaluations on the packaged SmolLM2-135M-Instruct (by default the statement
+pass, logits only at each row's own scored positions, an item's answers packed into one row over their
+shared prompt). Both score the same evaluations on the packaged SmolLM2-135M-Instruct (by default the statement
 protocol on the anti-LGBTQ train split; `--protocol answer` scores two answers per sample); the script
-checks that their propensities agree and prints evaluations per second and the ratio, and times two
-ablations: every position's logits, and (answer protocol) each answer in a row of its own.
+checks that their propensities agree and prints evaluations per second and the ratio, and times three
+ablations: every position's logits, the batch's union of read positions through the head (each row's own
+are projected since 2026-11-30), and (answer protocol) each answer in a row of its own.
 
     python bench/sweep_throughput.py [--samples 8] [--layers 0 5 10 15 20 25] [--device cpu] [--dtype bfloat16]
                                      [--protocol answer] [--behavior awareness-good]
@@ -78,9 +79,11 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def sweep(all_logits: bool = False, separate_answers: bool = False) -> dict:
+    def sweep(all_logits: bool = False, separate_answers: bool = False, batch_union: bool = False) -> dict:
         with (mock.patch("w2s_hf.training.rows._accepts_logits_to_keep", return_value=False) if all_logits else nullcontext(),
-              mock.patch("w2s_hf.training.sweep.packing_works", return_value=False) if separate_answers else nullcontext()):
+              mock.patch("w2s_hf.training.sweep.packing_works", return_value=False) if separate_answers else nullcontext(),
+              mock.patch("w2s_hf.training.rows._head_reads_own_positions", lambda *a: nullcontext([False]))
+              if batch_union or all_logits else nullcontext()):
             return layer_sweep(model, items, vectors, tokenizer.pad_token_id, layers=args.layers,
                                multipliers=args.multipliers, batch_size=args.batch_size, progress=False)
 
@@ -98,6 +101,8 @@ def main() -> None:
     fast_seconds = fastest(sweep)
     sweep(all_logits=True)
     all_logits_seconds = fastest(lambda: sweep(all_logits=True))  # ablation: every position's logits
+    union = sweep(batch_union=True)
+    union_seconds = fastest(lambda: sweep(batch_union=True))  # ablation: the batch's union of read positions
     packed = args.protocol == "answer"
     if packed:
         separate = sweep(separate_answers=True)
@@ -122,6 +127,11 @@ def main() -> None:
           f"{evaluations / all_logits_seconds:8.2f} evaluations/s")
     print(f"speed-up   : {naive_seconds / fast_seconds:8.2f}x   max |propensity difference| = {difference:.2e}")
     print(f"scored-position logits alone: {all_logits_seconds / fast_seconds:8.2f}x")
+    union_difference = float(np.abs(fast["propensity"] - union["propensity"]).max())
+    print(f"w2s sweep, the batch's union of read positions through the head (ablation): {union_seconds:8.2f} s  "
+          f"{evaluations / union_seconds:8.2f} evaluations/s")
+    print(f"each row's own read positions alone: {union_seconds / fast_seconds:8.2f}x   "
+          f"max |propensity difference| = {union_difference:.2e}")
     if packed:
         packing_difference = float(np.abs(fast["propensity"] - separate["propensity"]).max())
         print(f"w2s sweep, each answer in its own row (ablation): {separate_seconds:8.2f} s  "
