@@ -191,8 +191,7 @@ def read_positions(rows: Sequence[ScoringRow], width: int) -> torch.Tensor:
     """Whether each position of a `width`-wide batch of `rows` is read by some row."""
     needed = torch.zeros(width, dtype=torch.bool)
     for row in rows:
-        for read in row.reads:
-            needed[list(read.positions)] = True
+        needed[_own_positions(row)] = True
     return needed
 
 
