@@ -14,7 +14,8 @@ again), with `router="best"` so that both router kinds are fitted and cross-vali
 
 Every router reads the prompt only when the eval's protocol does (`router_input` is printed per behavior).
 The `cv-selected` row picks, per behavior, the encoder and router kind with the best cross-validated
-steerability on the train split (the fixed layer when none beats it in CV), and is scored on test.
+steerability on the train split, kept only when its fold-wise CV gain over the fixed layer exceeds one standard
+error (the rule `fit` ships by; the fixed layer otherwise), and is scored on test.
 Writes `README.md` (followed by `notes.md` of `--output` when there is one) and `routers.json` into `--output`;
 a behavior fitted by an earlier run is read back.
 
@@ -35,6 +36,7 @@ import numpy as np
 
 from w2s_hf.defaults import DEFAULT_BASE_MODEL, load_base_model, load_tokenizer
 from w2s_hf.training.fit import FitConfig, fit_bundle
+from w2s_hf.training.router_fit import gain_over_fixed
 
 ENCODERS = {
     "minilm": None,  # the eval's own fit
@@ -54,11 +56,13 @@ def summary(report: dict) -> dict:
     cv_fixed = next((cv["fixed_score"] for cv in [*train["cv"].values(), train.get("regression_cv") or {}]
                      if "fixed_score" in cv), None)
     k = train["chosen_k"]
-    classifier_cv = train["cv"][str(k)]["best_score"] if k is not None else None
-    regression_cv = (train.get("regression_cv") or {}).get("best_score")
+    classifier = train["cv"][str(k)] if k is not None else {}
+    regression = train.get("regression_cv") or {}
+    classifier_cv, regression_cv = classifier.get("best_score"), regression.get("best_score")
     rows = {
-        "classifier": {"cv": classifier_cv, "test": base[f"w2s_top{k}"]["steerability"] if k else fixed_test},
-        "regression": {"cv": regression_cv,
+        "classifier": {"cv": classifier_cv, "margin": cv_margin(classifier),
+                       "test": base[f"w2s_top{k}"]["steerability"] if k else fixed_test},
+        "regression": {"cv": regression_cv, "margin": cv_margin(regression),
                        "test": base["w2s_regression"]["steerability"] if regression_cv is not None else fixed_test},
         "best": {"cv": max([s for s in (classifier_cv, regression_cv) if s is not None], default=None),
                  "test": base["w2s_bundle"]["steerability"], "shipped": train["shipped"]},
@@ -68,18 +72,29 @@ def summary(report: dict) -> dict:
             "n_train": report["n_train"], "n_test": report["n_test"], "layers_swept": report["layers_swept"]}
 
 
+def cv_margin(cv: dict) -> dict | None:
+    """A cross-validated router's fold-wise gain over the fixed layer and its standard error (`None` for a report
+    written before the fold scores were recorded, or for a router kind that was not fitted)."""
+    if "best_fold_scores" not in cv:
+        return None
+    gain, stderr = gain_over_fixed(cv)
+    return {"gain": gain, "stderr": stderr}
+
+
 def cv_selected(per_encoder: dict[str, dict]) -> dict:
-    """The encoder and router kind with the best train-split CV score, or the fixed layer when none beats it."""
+    """The encoder and router kind with the best train-split CV score, kept under the rule `fit` ships by: its
+    fold-wise CV gain over the fixed layer must exceed one standard error, else the fixed layer is selected.
+    (A report without fold scores falls back to the plain rule: CV score above the fixed layer's.)"""
     any_fit = next(iter(per_encoder.values()))
-    best = ("fixed", None, any_fit["cv_fixed"])
-    for encoder, fit in per_encoder.items():
-        for kind in ("classifier", "regression"):
-            score = fit["routers"][kind]["cv"]
-            if score is not None and score > best[2]:
-                best = (encoder, kind, score)
-    encoder, kind, _ = best
-    test = any_fit["fixed"] if kind is None else per_encoder[encoder]["routers"][kind]["test"]
-    return {"encoder": encoder, "kind": kind, "test": test}
+    scored = [(fit["routers"][kind]["cv"], encoder, kind) for encoder, fit in per_encoder.items()
+              for kind in ("classifier", "regression") if fit["routers"][kind]["cv"] is not None]
+    if scored:
+        score, encoder, kind = max(scored)
+        margin = per_encoder[encoder]["routers"][kind].get("margin")
+        wins = margin["gain"] > margin["stderr"] if margin else score > any_fit["cv_fixed"]
+        if wins:
+            return {"encoder": encoder, "kind": kind, "test": per_encoder[encoder]["routers"][kind]["test"]}
+    return {"encoder": "fixed", "kind": None, "test": any_fit["fixed"]}
 
 
 def fit_behavior(folder: Path, main_report: dict, output: Path, model, tokenizer) -> dict[str, dict]:
@@ -134,7 +149,8 @@ def write_readme(output: Path, results: dict, commands: list[str]) -> None:
              f"Mean over {len(behaviors)} behaviors: steerability on test, cross-validated steerability on train "
              "(5 folds), ratio to the fixed layer, share of the fixed → oracle gap closed, and behaviors where the "
              "router keeps ≥ 0.95× its fixed layer. `best` = what `--router best` ships (the router kind with the "
-             "higher CV score, or the fixed layer when CV says it loses).", "",
+             "higher CV score, or the fixed layer when its fold-wise CV gain over the fixed layer is within one standard "
+             "error). `cv-selected` applies the same rule to the best encoder and kind per behavior.", "",
              "| encoder | router | test | CV (train) | × fixed | gap closed | ≥ 0.95× fixed |",
              "|---|---|---:|---:|---:|---:|---:|",
              f"| - | fixed layer | {fixed:+.3f} | {cv_fixed:+.3f} | 1.00× | 0 % | - |"]
