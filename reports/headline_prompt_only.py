@@ -8,8 +8,9 @@ It re-tabulates the fit reports on record; it runs no model:
   (60/60, 10 layers) and the larger runs of `reports/mwe-smollm2-100/bundles/` (100/100, 10 layers),
   `reports/mwe-smollm2-20layers/bundles/` (100/100, 20 layers), `reports/mwe-smollm2-400/bundles/` (the whole train
   split of 400 and 200 test examples, 20 layers, on the CPU), `reports/mwe-smollm2-300/bundles/` (two
-  advanced-AI-risk behaviors at about 300 train and 150 test examples, 20 layers, on the CPU) and `reports/mwe-smollm2-full/bundles/` (the whole
-  splits, about 400/500, all 30 layers: the behaviors whose sweeps finished on an H200);
+  advanced-AI-risk behaviors at about 300 train and 150 test examples, 20 layers, on the CPU) and
+  `reports/mwe-smollm2-full/bundles/` (the whole splits, about 400/500, all 30 layers: the behaviors whose sweeps
+  finished on an H200);
 * scoring-time (router_input `prompt+scored`, protocol `statement`): the eight persona behaviors of
   `reports/mwe-smollm2/bundles/`, listed as `<behavior> (statement)`.
 

@@ -149,8 +149,8 @@ def write_readme(output: Path, results: dict, commands: list[str]) -> None:
              f"Mean over {len(behaviors)} behaviors: steerability on test, cross-validated steerability on train "
              "(5 folds), ratio to the fixed layer, share of the fixed → oracle gap closed, and behaviors where the "
              "router keeps ≥ 0.95× its fixed layer. `best` = what `--router best` ships (the router kind with the "
-             "higher CV score, or the fixed layer when its fold-wise CV gain over the fixed layer is within one standard "
-             "error). `cv-selected` applies the same rule to the best encoder and kind per behavior.", "",
+             "higher CV score, or the fixed layer when its fold-wise CV gain over the fixed layer is within one "
+             "standard error). `cv-selected` applies the same rule to the best encoder and kind per behavior.", "",
              "| encoder | router | test | CV (train) | × fixed | gap closed | ≥ 0.95× fixed |",
              "|---|---|---:|---:|---:|---:|---:|",
              f"| - | fixed layer | {fixed:+.3f} | {cv_fixed:+.3f} | 1.00× | 0 % | - |"]
